@@ -1,0 +1,507 @@
+"""Convolution and pooling as pure, jit-able, differentiable JAX functions.
+
+The chapter ops (`corr2d`, `corr2d_multi_in`, `pool2d`, ...) work on single
+images the way the notes write them; `conv2d`, `max_pool2d` and `avg_pool2d`
+are the batched ops the models use, with PyTorch's semantics for padding,
+stride, dilation, groups, `ceil_mode` and `count_include_pad`.
+
+Everything lowers to `jax.lax.conv_general_dilated` and
+`jax.lax.reduce_window` with explicit dimension numbers. Every public function
+checks its arguments and raises `ValueError` naming the function, the argument
+and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
+`jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Pair = int | tuple[int, int]
+Padding = int | str | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
+
+LAYOUTS = ("NHWC", "NCHW")
+# (input, kernel, output) dimension numbers for lax.conv_general_dilated.
+_CONV_DIMS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "NCHW": ("NCHW", "OIHW", "NCHW")}
+
+__all__ = [
+    "corr2d",
+    "convolve2d",
+    "corr2d_multi_in",
+    "corr2d_multi_in_out",
+    "corr2d_multi_in_out_1x1",
+    "pool2d",
+    "conv2d",
+    "conv_output_shape",
+    "pool_output_shape",
+    "max_pool2d",
+    "avg_pool2d",
+    "min_pool2d",
+    "soft_pool2d",
+]
+
+
+# --------------------------------------------------------------------------
+# Argument checking: shared by the ops here and their twins in reference.py.
+
+
+def _fail(fn: str, message: str) -> None:
+    raise ValueError(f"{fn}: {message}")
+
+
+def _as_float(x) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
+
+
+def _check_rank(fn: str, name: str, a, rank: int, meaning: str) -> None:
+    if np.ndim(a) != rank:
+        _fail(fn, f"{name} must have rank {rank} {meaning}, got shape {tuple(np.shape(a))}")
+
+
+def as_pair(fn: str, name: str, value, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else value
+    if (
+        not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)
+    ):
+        _fail(fn, f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        _fail(fn, f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def as_padding(
+    fn: str,
+    padding: Padding,
+    input_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int] = (1, 1),
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Any accepted padding as explicit ((top, bottom), (left, right)).
+
+    int p and (ph, pw) pad symmetrically, as PyTorch. "VALID" pads nothing.
+    "SAME" is TensorFlow's: output size ceil(n / stride), with the odd pixel
+    of padding at the bottom/right (so it is not symmetric for stride 2 on
+    even sizes).
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0), (0, 0))
+        if mode != "SAME":
+            _fail(fn, f"padding must be an int, a pair, a pair of pairs, 'SAME' or 'VALID', got {padding!r}")
+        pads = []
+        for n, k, s, d in zip(input_hw, kernel_hw, stride, dilation):
+            total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if isinstance(padding, (int, np.integer)):
+        pads = ((padding, padding), (padding, padding))
+    elif (
+        isinstance(padding, Sequence)
+        and len(padding) == 2
+        and all(isinstance(p, (int, np.integer)) for p in padding)
+    ):
+        pads = ((padding[0], padding[0]), (padding[1], padding[1]))
+    elif (
+        isinstance(padding, Sequence)
+        and len(padding) == 2
+        and all(
+            isinstance(p, Sequence) and len(p) == 2 and all(isinstance(q, (int, np.integer)) for q in p)
+            for p in padding
+        )
+    ):
+        pads = tuple(tuple(p) for p in padding)
+    else:
+        _fail(fn, f"padding must be an int, a pair, a pair of pairs, 'SAME' or 'VALID', got {padding!r}")
+    if min(min(p) for p in pads) < 0:
+        _fail(fn, f"padding must be >= 0, got {padding!r}")
+    return tuple((int(a), int(b)) for a, b in pads)
+
+
+def _check_fits(fn, what, input_hw, pads, window_hw, dilation=(1, 1)) -> None:
+    for axis, n, (lo, hi), k, d in zip("HW", input_hw, pads, window_hw, dilation):
+        span = (k - 1) * d + 1
+        if span > n + lo + hi:
+            _fail(
+                fn,
+                f"{what} spans {span} along {axis} but the padded input has only "
+                f"{n + lo + hi} (input {n}, padding {(lo, hi)})",
+            )
+
+
+def _check_layout(fn: str, layout: str) -> None:
+    if layout not in LAYOUTS:
+        _fail(fn, f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def conv_output_shape(
+    input_hw: Pair,
+    kernel_hw: Pair,
+    *,
+    stride: Pair = 1,
+    padding: Padding = 0,
+    dilation: Pair = 1,
+) -> tuple[int, int]:
+    """Output (h, w) of a convolution: the notes' floor((n - k + p + s) / s).
+
+    p is the total padding along an axis (both sides) and k the dilated
+    kernel extent (k - 1) * dilation + 1. Agrees with what `conv2d` returns.
+    """
+    fn = "conv_output_shape"
+    input_hw = as_pair(fn, "input_hw", input_hw, minimum=1)
+    kernel_hw = as_pair(fn, "kernel_hw", kernel_hw, minimum=1)
+    stride = as_pair(fn, "stride", stride, minimum=1)
+    dilation = as_pair(fn, "dilation", dilation, minimum=1)
+    pads = as_padding(fn, padding, input_hw, kernel_hw, stride, dilation)
+    _check_fits(fn, "kernel", input_hw, pads, kernel_hw, dilation)
+    return tuple(
+        (n - ((k - 1) * d + 1) + lo + hi + s) // s
+        for n, k, (lo, hi), s, d in zip(input_hw, kernel_hw, pads, stride, dilation)
+    )
+
+
+def pool_output_shape(
+    input_hw: Pair,
+    window: Pair,
+    *,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    ceil_mode: bool = False,
+) -> tuple[int, int]:
+    """Output (h, w) of PyTorch-style pooling (stride defaults to the window).
+
+    With ceil_mode the division rounds up, but the last window must start
+    inside the input or its left/top padding, as in PyTorch.
+    """
+    fn = "pool_output_shape"
+    input_hw = as_pair(fn, "input_hw", input_hw, minimum=1)
+    window, stride, padding = _pool_geometry(fn, input_hw, window, stride, padding)
+    return _pool_out(input_hw, window, stride, padding, ceil_mode)
+
+
+def _pool_out(input_hw, window, stride, padding, ceil_mode) -> tuple[int, int]:
+    out = []
+    for n, k, s, p in zip(input_hw, window, stride, padding):
+        span = n + 2 * p - k
+        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (o - 1) * s >= n + p:
+            o -= 1
+        out.append(o)
+    return tuple(out)
+
+
+def _pool_geometry(fn, input_hw, window, stride, padding):
+    window = as_pair(fn, "window", window, minimum=1)
+    stride = window if stride is None else as_pair(fn, "stride", stride, minimum=1)
+    padding = as_pair(fn, "padding", padding, minimum=0)
+    for axis, k, p in zip("HW", window, padding):
+        # PyTorch's rule: a window never lies wholly in the padding.
+        if p > k // 2:
+            _fail(fn, f"padding {p} along {axis} must be at most half the window ({k})")
+    _check_fits(fn, "window", input_hw, [(p, p) for p in padding], window)
+    return window, stride, padding
+
+
+# --------------------------------------------------------------------------
+# The batched ops.
+
+
+def conv2d(
+    x,
+    w,
+    b=None,
+    *,
+    stride: Pair = 1,
+    padding: Padding = 0,
+    dilation: Pair = 1,
+    groups: int = 1,
+    layout: str = "NHWC",
+    precision=None,
+) -> jax.Array:
+    """Batched 2-D cross-correlation (what deep learning calls convolution).
+
+    layout "NHWC": x (N, H, W, C), w (kh, kw, C // groups, O).
+    layout "NCHW": x (N, C, H, W), w (O, C // groups, kh, kw), as torch.nn.functional.conv2d.
+    b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
+    (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
+    """
+    fn = "conv2d"
+    _check_layout(fn, layout)
+    x, w = _as_float(x), _as_float(w)
+    _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
+    _check_rank(fn, "w", w, 4, "(kh, kw, C/groups, O)" if layout == "NHWC" else "(O, C/groups, kh, kw)")
+    if not isinstance(groups, (int, np.integer)) or groups < 1:
+        _fail(fn, f"groups must be a positive int, got {groups!r}")
+    if layout == "NHWC":
+        (_, h, wd, c), (kh, kw, cin, cout) = x.shape, w.shape
+    else:
+        (_, c, h, wd), (cout, cin, kh, kw) = x.shape, w.shape
+    if c % groups or cout % groups:
+        _fail(fn, f"input channels {c} and output channels {cout} must both divide by groups={groups}")
+    if cin * groups != c:
+        _fail(
+            fn,
+            f"w expects {cin} x groups={groups} = {cin * groups} input channels but x has {c} "
+            f"(x {x.shape}, w {w.shape}, layout {layout})",
+        )
+    if b is not None:
+        b = _as_float(b)
+        if b.shape != (cout,):
+            _fail(fn, f"b must have shape ({cout},) to match w {w.shape}, got {b.shape}")
+    stride = as_pair(fn, "stride", stride, minimum=1)
+    dilation = as_pair(fn, "dilation", dilation, minimum=1)
+    pads = as_padding(fn, padding, (h, wd), (kh, kw), stride, dilation)
+    _check_fits(fn, f"kernel {(kh, kw)} with dilation {dilation}", (h, wd), pads, (kh, kw), dilation)
+
+    dims = _CONV_DIMS[layout]
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=dims,
+        feature_group_count=groups,
+        precision=precision,
+    )
+    if b is not None:
+        y = y + (b if layout == "NHWC" else b[:, None, None])
+    return y
+
+
+def _spatial_axes(layout: str) -> tuple[int, int]:
+    return (1, 2) if layout == "NHWC" else (2, 3)
+
+
+def _pool_setup(fn, x, window, stride, padding, ceil_mode, layout):
+    """Checks a batched pooling call; returns x, window, strides and padding for reduce_window."""
+    _check_layout(fn, layout)
+    x = _as_float(x)
+    _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
+    ah, aw = _spatial_axes(layout)
+    input_hw = (x.shape[ah], x.shape[aw])
+    window, stride, padding = _pool_geometry(fn, input_hw, window, stride, padding)
+    out_hw = _pool_out(input_hw, window, stride, padding, ceil_mode)
+    # ceil_mode may need extra padding past the end: the overhang.
+    pads = [
+        (p, max((o - 1) * s + k - n - p, 0))
+        for n, k, s, p, o in zip(input_hw, window, stride, padding, out_hw)
+    ]
+    full = lambda pair: tuple(pair[a] if a in (ah, aw) else 1 for a in range(4))
+    win4 = full({ah: window[0], aw: window[1]})
+    str4 = full({ah: stride[0], aw: stride[1]})
+    pad4 = tuple(pads[(ah, aw).index(a)] if a in (ah, aw) else (0, 0) for a in range(4))
+    geometry = dict(input_hw=input_hw, window=window, stride=stride, padding=padding, out_hw=out_hw)
+    return x, win4, str4, pad4, geometry
+
+
+def max_pool2d(
+    x,
+    window: Pair,
+    *,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    ceil_mode: bool = False,
+    layout: str = "NHWC",
+) -> jax.Array:
+    """Max pooling as torch.nn.functional.max_pool2d: padding is -inf, never 0."""
+    x, win, strides, pads, _ = _pool_setup("max_pool2d", x, window, stride, padding, ceil_mode, layout)
+    return lax.reduce_window(x, -jnp.inf, lax.max, win, strides, pads)
+
+
+def avg_pool2d(
+    x,
+    window: Pair,
+    *,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    layout: str = "NHWC",
+) -> jax.Array:
+    """Average pooling as torch.nn.functional.avg_pool2d.
+
+    The divisor is the number of window elements inside the padded input
+    (count_include_pad=True) or inside the input itself (False); the ceil_mode
+    overhang past the padding is never counted.
+    """
+    x, win, strides, pads, g = _pool_setup("avg_pool2d", x, window, stride, padding, ceil_mode, layout)
+    total = lax.reduce_window(x, 0.0, lax.add, win, strides, pads)
+    return total / _avg_divisor(g, count_include_pad, layout).astype(x.dtype)
+
+
+def _avg_divisor(g, count_include_pad: bool, layout: str) -> np.ndarray:
+    """Per-output divisor, a static (Ho, Wo) table broadcast to the layout."""
+    counts = []
+    for n, k, s, p, o in zip(g["input_hw"], g["window"], g["stride"], g["padding"], g["out_hw"]):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        if not count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, n)
+        counts.append(end - start)
+    divisor = np.outer(counts[0], counts[1]).astype(np.float32)
+    return jnp.asarray(divisor[:, :, None] if layout == "NHWC" else divisor)
+
+
+def min_pool2d(x, window: Pair, *, stride=None, padding: Pair = 0, ceil_mode=False, layout="NHWC"):
+    """Min pooling, the notes' exercise: -max_pool2d(-x) (padding acts as +inf)."""
+    return -max_pool2d(-_as_float(x), window, stride=stride, padding=padding, ceil_mode=ceil_mode, layout=layout)
+
+
+def soft_pool2d(
+    x,
+    window: Pair,
+    *,
+    temperature: float = 1.0,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    ceil_mode: bool = False,
+    layout: str = "NHWC",
+) -> jax.Array:
+    """Log-mean-exp pooling, between average and maximum (the notes' exercise).
+
+    T * log(mean(exp(x / T))) over the real elements of each window: it tends
+    to the maximum as T -> 0 and to the average as T -> inf, and is never
+    below the average nor above the maximum. Padding is not counted. Computed
+    on patches with logsumexp, so it is stable for any T.
+    """
+    fn = "soft_pool2d"
+    if not temperature > 0:
+        _fail(fn, f"temperature must be > 0, got {temperature!r}")
+    x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
+    if layout == "NCHW":
+        x = jnp.moveaxis(x, 1, 3)
+    ph, pw = pads[1:3] if layout == "NHWC" else pads[2:4]
+    patches = _window_patches(x, g["window"], g["stride"], (ph, pw))
+    mask = _window_patches(jnp.ones((1, *x.shape[1:3], 1), x.dtype), g["window"], g["stride"], (ph, pw))
+    log_count = jnp.log(mask.sum(-1))
+    y = temperature * (jax.nn.logsumexp(patches / temperature, axis=-1, where=mask > 0) - log_count)
+    return y if layout == "NHWC" else jnp.moveaxis(y, 3, 1)
+
+
+def _window_patches(x, window, stride, pads) -> jax.Array:
+    """(N, H, W, C) -> (N, Ho, Wo, C, kh * kw): the window of every output position."""
+    n, _, _, c = x.shape
+    patches = lax.conv_general_dilated_patches(
+        x,
+        window,
+        stride,
+        pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
+    return patches.reshape(*patches.shape[:3], c, window[0] * window[1])
+
+
+# --------------------------------------------------------------------------
+# The chapters' single-image ops.
+
+
+def _check_kernel_fits(fn, x_hw, k_hw) -> None:
+    if k_hw[0] > x_hw[0] or k_hw[1] > x_hw[1]:
+        _fail(fn, f"kernel {tuple(k_hw)} is larger than the input {tuple(x_hw)}")
+
+
+def corr2d(x, k) -> jax.Array:
+    """2-D cross-correlation: x (H, W), k (kh, kw) -> (H - kh + 1, W - kw + 1)."""
+    fn = "corr2d"
+    x, k = _as_float(x), _as_float(k)
+    _check_rank(fn, "x", x, 2, "(H, W)")
+    _check_rank(fn, "k", k, 2, "(kh, kw)")
+    _check_kernel_fits(fn, x.shape, k.shape)
+    return conv2d(x[None, :, :, None], k[:, :, None, None], precision=lax.Precision.HIGHEST)[0, :, :, 0]
+
+
+def convolve2d(x, k, mode: str = "valid") -> jax.Array:
+    """Strict 2-D convolution (the kernel flipped), as scipy.signal.convolve2d.
+
+    mode "valid": (H - kh + 1, W - kw + 1), needs k no larger than x.
+    mode "full": (H + kh - 1, W + kw - 1), every overlap; commutative, f * g == g * f.
+    mode "same": the centre of "full" with the shape of x.
+    """
+    fn = "convolve2d"
+    x, k = _as_float(x), _as_float(k)
+    _check_rank(fn, "x", x, 2, "(H, W)")
+    _check_rank(fn, "k", k, 2, "(kh, kw)")
+    if mode not in ("valid", "full", "same"):
+        _fail(fn, f"mode must be 'valid', 'full' or 'same', got {mode!r}")
+    if mode == "valid":
+        _check_kernel_fits(fn, x.shape, k.shape)
+        pads = ((0, 0), (0, 0))
+    else:
+        pads = ((k.shape[0] - 1,) * 2, (k.shape[1] - 1,) * 2)
+    flipped = k[::-1, ::-1]
+    y = conv2d(x[None, :, :, None], flipped[:, :, None, None], padding=pads, precision=lax.Precision.HIGHEST)
+    y = y[0, :, :, 0]
+    if mode == "same":
+        top, left = (k.shape[0] - 1) // 2, (k.shape[1] - 1) // 2
+        y = y[top : top + x.shape[0], left : left + x.shape[1]]
+    return y
+
+
+def corr2d_multi_in(x, k) -> jax.Array:
+    """Cross-correlation summed over channels: x (C, H, W), k (C, kh, kw) -> (H', W')."""
+    fn = "corr2d_multi_in"
+    x, k = _as_float(x), _as_float(k)
+    _check_rank(fn, "x", x, 3, "(C, H, W)")
+    _check_rank(fn, "k", k, 3, "(C, kh, kw)")
+    if x.shape[0] != k.shape[0]:
+        _fail(fn, f"x has {x.shape[0]} channels but k has {k.shape[0]} (x {x.shape}, k {k.shape})")
+    _check_kernel_fits(fn, x.shape[1:], k.shape[1:])
+    return conv2d(x[None], k[None], layout="NCHW", precision=lax.Precision.HIGHEST)[0, 0]
+
+
+def corr2d_multi_in_out(x, k) -> jax.Array:
+    """One output channel per kernel: x (C, H, W), k (O, C, kh, kw) -> (O, H', W')."""
+    fn = "corr2d_multi_in_out"
+    x, k = _as_float(x), _as_float(k)
+    _check_rank(fn, "x", x, 3, "(C, H, W)")
+    _check_rank(fn, "k", k, 4, "(O, C, kh, kw)")
+    if x.shape[0] != k.shape[1]:
+        _fail(fn, f"x has {x.shape[0]} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
+    _check_kernel_fits(fn, x.shape[1:], k.shape[2:])
+    return conv2d(x[None], k, layout="NCHW", precision=lax.Precision.HIGHEST)[0]
+
+
+def corr2d_multi_in_out_1x1(x, k) -> jax.Array:
+    """A 1x1 convolution as one matrix product: x (C, H, W), k (O, C, 1, 1) -> (O, H, W)."""
+    fn = "corr2d_multi_in_out_1x1"
+    x, k = _as_float(x), _as_float(k)
+    _check_rank(fn, "x", x, 3, "(C, H, W)")
+    _check_rank(fn, "k", k, 4, "(O, C, 1, 1)")
+    if k.shape[2:] != (1, 1):
+        _fail(fn, f"k must be a 1x1 kernel (O, C, 1, 1), got shape {k.shape}")
+    c, h, w = x.shape
+    if k.shape[1] != c:
+        _fail(fn, f"x has {c} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
+    y = jnp.matmul(k.reshape(k.shape[0], c), x.reshape(c, h * w), precision=lax.Precision.HIGHEST)
+    return y.reshape(k.shape[0], h, w)
+
+
+POOL2D_MODES = ("max", "avg", "min")
+
+
+def pool2d(x, pool_size: Pair, mode: str = "max") -> jax.Array:
+    """The notes' pooling: x (H, W), window pool_size, stride 1, no padding."""
+    fn = "pool2d"
+    x = _as_float(x)
+    _check_rank(fn, "x", x, 2, "(H, W)")
+    if mode not in POOL2D_MODES:
+        _fail(fn, f"mode must be one of {POOL2D_MODES}, got {mode!r}")
+    pool_size = as_pair(fn, "pool_size", pool_size, minimum=1)
+    _check_kernel_fits(fn, x.shape, pool_size)
+    if mode == "max":
+        return lax.reduce_window(x, -jnp.inf, lax.max, pool_size, (1, 1), "VALID")
+    if mode == "min":
+        return lax.reduce_window(x, jnp.inf, lax.min, pool_size, (1, 1), "VALID")
+    return lax.reduce_window(x, 0.0, lax.add, pool_size, (1, 1), "VALID") / (pool_size[0] * pool_size[1])
