@@ -1,0 +1,313 @@
+"""Image classification data: loading, host-side batching, on-device preprocessing.
+
+Datasets live in host memory as uint8 NHWC arrays (the chapters' sets are
+tens of MB). `load` reads one of
+
+* `"mnist_10k"`: 10,000 real MNIST digits bundled with the package (offline);
+* a path to a directory of the four MNIST-style IDX files, raw or gzipped;
+* a TFDS name (`"fashion_mnist"`, `"mnist"`, `"cifar10"`, ...), read through
+  `tfds.data_source` from array_record files, which needs no TensorFlow.
+  tensorflow_datasets is imported only here, never at `import jaxcnn`.
+
+Batches are numpy and per process: for a global batch of B examples each of
+`process_count` hosts gets its own B / process_count slice, computed from the
+same (seed, epoch) permutation, so hosts agree without talking. `prefetch`
+assembles the global `jax.Array`s; `preprocess` runs inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import importlib.resources
+import itertools
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BUNDLED = "mnist_10k"
+IDX_FILES = {  # split -> (images, labels), the names MNIST and Fashion-MNIST ship under
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_NUM_CLASSES = 10  # the format's two datasets both have ten classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int32 (N,)
+
+    def __post_init__(self):
+        x, y = self.images, self.labels
+        if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int32 or y.shape != x.shape[:1]:
+            raise ValueError(
+                "Split: want images uint8 (N, H, W, C) and labels int32 (N,), got "
+                f"images {x.dtype}{x.shape} and labels {y.dtype}{y.shape}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+
+# --------------------------------------------------------------------------
+# Loading.
+
+
+def load(name: str, *, data_dir: str | None = None) -> Dataset:
+    """`"mnist_10k"`, a directory of IDX files, or a TFDS name (`data_dir`: TFDS's)."""
+    name = os.fspath(name)
+    if name == BUNDLED:
+        return _load_idx(name, importlib.resources.files("jaxcnn") / "datasets" / BUNDLED)
+    if os.path.isdir(name):
+        return _load_idx(name, Path(name))
+    return _load_tfds(name, data_dir)
+
+
+def _load_idx(name: str, directory) -> Dataset:
+    splits = {}
+    for split, (images_name, labels_name) in IDX_FILES.items():
+        images = _read_idx(_find(directory, images_name), ndim=3)[..., None]  # NHW -> NHWC
+        labels_file = _find(directory, labels_name)
+        labels = _read_idx(labels_file, ndim=1)
+        if len(labels) != len(images):
+            raise ValueError(f"load: {labels_file} has {len(labels)} labels for {len(images)} images")
+        if labels.max(initial=0) >= IDX_NUM_CLASSES:
+            raise ValueError(f"load: {labels_file} has label {labels.max()}, outside 0..{IDX_NUM_CLASSES - 1}")
+        splits[split] = Split(images, labels.astype(np.int32))
+    return Dataset(name, splits["train"], splits["test"], IDX_NUM_CLASSES)
+
+
+def _find(directory, stem: str):
+    for file in (directory / stem, directory / f"{stem}.gz"):
+        if file.is_file():
+            return file
+    raise ValueError(f"load: {directory} has neither {stem} nor {stem}.gz")
+
+
+def _read_idx(file, *, ndim: int) -> np.ndarray:
+    """An IDX file (big-endian header: 0, 0, dtype 0x08 = uint8, ndim, then ndim int32 sizes)."""
+    data = file.read_bytes()
+    if file.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise ValueError(f"load: {file} is not a valid gzip file ({e})") from None
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:4] != bytes([0, 0, 0x08, ndim]):
+        raise ValueError(
+            f"load: {file} is not a uint8 IDX file of rank {ndim}: want magic "
+            f"{0x0800 + ndim}, got header bytes {data[:4].hex() or 'none'}"
+        )
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    size = int(np.prod(shape))
+    if len(data) - header != size:
+        raise ValueError(
+            f"load: {file} header promises shape {shape} ({size} bytes of data) "
+            f"but the file holds {len(data) - header}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise _unknown(name, "tensorflow_datasets is not installed: pip install 'jaxcnn[tfds]'") from None
+    try:  # also finds datasets that other code prepared, from their files
+        builder = tfds.builder(name, data_dir=data_dir)
+    except ValueError:  # DatasetNotFoundError or a malformed name
+        raise _unknown(name, "neither a directory nor a name TFDS knows") from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    num_classes = getattr(builder.info.features[label_key], "num_classes", None)
+    if num_classes is None:
+        raise ValueError(f"load: {name!r} is not image classification: its {label_key!r} is not a ClassLabel")
+    try:
+        # Never download: offline, TFDS retries for minutes before it fails.
+        columns = []
+        for source in builder.as_data_source(split=["train", "test"]):
+            examples = [source[i] for i in range(len(source))]  # one by one: TFDS's mock lacks __getitems__
+            columns.append({k: np.stack([e[k] for e in examples]) for k in (image_key, label_key)})
+    except Exception as e:
+        if not builder.is_prepared():
+            raise ValueError(_not_prepared_message(name, builder)) from None
+        if not isinstance(e, NotImplementedError):
+            raise ValueError(f"load: cannot read TFDS dataset {name!r} as fixed-size train/test images ({e})") from None
+        columns = _read_tfrecord(tfds, builder, name)  # prepared as TFRecord
+    splits = []
+    for column in columns:
+        images, labels = column[image_key], column[label_key]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"load: {name!r} has {images.dtype} images of shape {images.shape[1:]}; want uint8 HWC")
+        splits.append(Split(images if images.ndim == 4 else images[..., None], labels.astype(np.int32)))
+    return Dataset(name, *splits, num_classes)
+
+
+def _unknown(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"load: unknown dataset {name!r} ({why}); want {BUNDLED!r} (bundled, offline), a path "
+        "to a directory of the four MNIST IDX files, or a TFDS image classification name "
+        "such as 'fashion_mnist', 'mnist' or 'cifar10'"
+    )
+
+
+def _not_prepared_message(name: str, builder) -> str:
+    return (
+        f"load: TFDS dataset {name!r} is not prepared in {builder.data_dir}, and load never "
+        "downloads (offline, TFDS retries for minutes). On a machine with a network run\n"
+        f"    pip install tensorflow-datasets tensorflow-cpu && tfds build {name} "
+        f"--data_dir={builder.data_dir_root} --file_format=array_record\n"
+        "and pass that directory as data_dir (copied here if need be). Offline, use "
+        f"--dataset {BUNDLED} (bundled) or a path to a directory of the four MNIST IDX files."
+    )
+
+
+def _read_tfrecord(tfds, builder, name) -> list[dict[str, np.ndarray]]:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ValueError(
+            f"load: {name!r} is prepared in {builder.data_dir} as TFRecord, which needs "
+            "TensorFlow (pip install 'jaxcnn[tfds-tf]'); or prepare it again with "
+            "--file_format=array_record, which does not"
+        ) from None
+    _hide_gpus_from_tensorflow(tf)
+    return tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1))
+
+
+def _hide_gpus_from_tensorflow(tf) -> None:
+    # TensorFlow would grab the accelerator's memory that JAX needs.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices
+        pass
+
+
+# --------------------------------------------------------------------------
+# Batching (host side, numpy).
+
+
+def _check_int(fn: str, name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if (
+        not isinstance(value, (int, np.integer))
+        or isinstance(value, bool)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{fn}: {name} must be an int {bounds}, got {value!r}")
+    return int(value)
+
+
+def _local_batch_size(fn, global_batch_size, process_index, process_count) -> int:
+    _check_int(fn, "global_batch_size", global_batch_size, 1)
+    _check_int(fn, "process_count", process_count, 1)
+    _check_int(fn, "process_index", process_index, 0, process_count - 1)
+    if global_batch_size % process_count:
+        raise ValueError(f"{fn}: global_batch_size {global_batch_size} does not divide by process_count {process_count}")
+    return global_batch_size // process_count
+
+
+def num_train_batches(split: Split, global_batch_size: int) -> int:
+    """N // B: training drops the last partial batch, so every step has one shape (one compile)."""
+    _check_int("num_train_batches", "global_batch_size", global_batch_size, 1, len(split.labels))
+    return len(split.labels) // global_batch_size
+
+
+def train_batches(
+    split: Split, global_batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
+    process_index: int = 0, process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's slice of each shuffled global batch; order is a function of (seed, epoch) only."""
+    local = _local_batch_size("train_batches", global_batch_size, process_index, process_count)
+    _check_int("train_batches", "global_batch_size", global_batch_size, 1, len(split.labels))
+    steps = num_train_batches(split, global_batch_size)
+    _check_int("train_batches", "seed", seed, 0)
+    _check_int("train_batches", "epoch", epoch, 0)
+    _check_int("train_batches", "start_batch", start_batch, 0, steps)
+    # No state carried between epochs: a resumed run regenerates the same order.
+    order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
+
+    def batches():  # a generator inside, so bad arguments fail at the call, not at first next()
+        for step in range(start_batch, steps):
+            start = step * global_batch_size + process_index * local
+            index = order[start : start + local]
+            yield split.images[index], split.labels[index]
+
+    return batches()
+
+
+def eval_batches(
+    split: Split, global_batch_size: int, *, process_index: int = 0, process_count: int = 1
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every example once, in order; the last batch is padded to full size and `mask` marks real ones.
+
+    Every process yields ceil(N / B) batches, so all hosts run the same number of steps.
+    """
+    local = _local_batch_size("eval_batches", global_batch_size, process_index, process_count)
+    n = len(split.labels)
+
+    def batches():
+        for step in range(-(-n // global_batch_size)):
+            index = step * global_batch_size + process_index * local + np.arange(local)
+            mask = index < n
+            index = np.where(mask, index, 0)  # padding repeats example 0, masked out
+            yield split.images[index], split.labels[index], mask
+
+    return batches()
+
+
+# --------------------------------------------------------------------------
+# Device side.
+
+
+def preprocess(images, image_size: int | None = None, dtype=jnp.float32) -> jax.Array:
+    """uint8 NHWC -> `dtype` in [0, 1], optionally resized to (image_size, image_size).
+
+    The resize is bilinear with antialiasing (`jax.image.resize`), which matches
+    PIL's bilinear resize that the chapters' `transforms.Resize` applies (and
+    torchvision's default on tensors): half-pixel centres, and at the borders
+    taps outside the image are dropped and the weights renormalised, i.e. the
+    edge pixels are repeated.
+    """
+    if np.ndim(images) != 4:
+        raise ValueError(f"preprocess: images must be NHWC (rank 4), got shape {np.shape(images)}")
+    x = jnp.asarray(images, jnp.float32) / 255  # in float32 even for bfloat16 out: one rounding
+    if image_size is not None:
+        _check_int("preprocess", "image_size", image_size, 1)
+        n, _, _, c = x.shape
+        x = jax.image.resize(x, (n, image_size, image_size, c), "bilinear")
+    return x.astype(dtype)
+
+
+def prefetch(iterator, sharding: jax.sharding.Sharding, size: int = 2) -> Iterator:
+    """Global `jax.Array`s from each batch of this process's slices, `size` batches ahead.
+
+    A deque of transfers rather than a thread (as in the Flax examples):
+    `make_array_from_process_local_data` only dispatches the host-to-device
+    copies, which then run while the current step computes; the host work
+    per batch is a numpy gather, too cheap to need a thread of its own.
+    """
+    _check_int("prefetch", "size", size, 1)
+    queue = collections.deque()
+
+    def enqueue(n):
+        for batch in itertools.islice(iterator, n):
+            queue.append(jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
