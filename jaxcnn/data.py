@@ -221,8 +221,8 @@ def _local_batch_size(fn, global_batch_size, process_index, process_count) -> in
 
 
 def num_train_batches(split: Split, global_batch_size: int) -> int:
-    """N // B: training drops the last partial batch, so every step has one shape (one compile)."""
-    _check_int("num_train_batches", "global_batch_size", global_batch_size, 1, len(split.labels))
+    """N // B (0 if B > N): training drops the last partial batch, so every step has one shape (one compile)."""
+    _check_int("num_train_batches", "global_batch_size", global_batch_size, 1)
     return len(split.labels) // global_batch_size
 
 

@@ -134,7 +134,7 @@ def test_split_checks_its_arrays():
 
 def test_train_batches_shuffle_from_seed_and_epoch_only():
     split = index_split(22)  # 22 // 4 = 5 batches; 2 examples dropped
-    assert data.num_train_batches(split, 4) == 5
+    assert data.num_train_batches(split, 4) == 5 and data.num_train_batches(split, 23) == 0
     epoch0 = list(data.train_batches(split, 4, seed=3, epoch=0))
     again = list(data.train_batches(split, 4, seed=3, epoch=0))
     epoch1 = list(data.train_batches(split, 4, seed=3, epoch=1))
