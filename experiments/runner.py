@@ -98,7 +98,8 @@ def build_parser(model: str, defaults: dict, model_flags) -> argparse.ArgumentPa
     add("--weight-decay", type=_non_negative_float, default=0.0,
         help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw")
     add("--seed", type=_non_negative_int, default=0, help="initialisation, data order and dropout")
-    add("--workdir", default=f"runs/{model}", help="where the run writes everything")
+    add("--workdir", default=None,
+        help="where the run writes everything (default: a new runs/%s-DATE-TIME)" % defaults["entry"])
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in --workdir")
     add("--image-size", type=_positive_int, default=None,
         help="resize images to this square size (default: the chapter's size for the model)")
@@ -130,12 +131,19 @@ def main(model: str, defaults: dict, model_flags=lambda group: None, model_optio
     if (args.coordinator is None) != (args.num_processes is None) or (args.num_processes is None) != (args.process_id is None):
         if args.coordinator or args.num_processes or args.process_id is not None:
             parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.workdir is None:
+        if args.resume:
+            parser.error("--resume needs the --workdir of the run to continue")
+        if args.num_processes and args.num_processes > 1:
+            parser.error("several processes need one shared --workdir")
+        args.workdir = f"runs/{defaults['entry']}-{time.strftime('%Y%m%d-%H%M%S')}"
     _select_accelerator(parser, args.accelerator)
     if args.coordinator:
         import jax
 
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    return run(parser, args, name, options)
+    with _StopFlag() as stop:
+        return run(parser, args, name, options, stop)
 
 
 def _select_accelerator(parser, accelerator: str) -> None:
@@ -155,7 +163,7 @@ def _select_accelerator(parser, accelerator: str) -> None:
         )
 
 
-def run(parser, args, model_name: str, model_options: dict) -> int:
+def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> int:
     import jax
     import numpy as np
 
@@ -219,7 +227,7 @@ def run(parser, args, model_name: str, model_options: dict) -> int:
         "num_classes": dataset.num_classes,
         "in_channels": in_channels,
         "image_size": image_size,
-        "num_params": models.count_params(model),
+        "num_params": sum(p.size for p in jax.tree.leaves(params)),
         "dataset": args.dataset,
         "train_examples": len(train_split.labels),
         "test_examples": len(test_split.labels),
@@ -246,9 +254,8 @@ def run(parser, args, model_name: str, model_options: dict) -> int:
         (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         _truncate_metrics(workdir / "metrics.jsonl", keep_epochs=start_epoch)
 
-    stop = _StopFlag()
     history = _read_metrics(workdir / "metrics.jsonl") if is_writer else []
-    log = _Progress(args.log_every, steps_per_epoch)
+    log = _Progress(steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
         batches = data.train_batches(
@@ -339,15 +346,19 @@ def _check_finite(summary, mngr, workdir, lr) -> None:
 
 
 class _StopFlag:
-    """SIGTERM and Ctrl-C ask the loop to checkpoint and stop at the next step."""
+    """SIGTERM and Ctrl-C ask the loop to checkpoint and stop after the current step."""
 
-    def __init__(self):
+    def __enter__(self):
         self.signal = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.signal:  # a second Ctrl-C: stop now
+        if self.signal:  # asked twice: stop now
             raise KeyboardInterrupt
         self.signal = signum
 
@@ -355,19 +366,18 @@ class _StopFlag:
 class _Progress:
     """A progress line per epoch on a terminal; plain lines when not a terminal (CI, pipes)."""
 
-    def __init__(self, log_every: int, steps_per_epoch: int):
-        self.tty = sys.stdout.isatty()
+    def __init__(self, steps_per_epoch: int):
+        self.tty = sys.stdout.isatty() and _is_writer()
         self.steps = steps_per_epoch
-        self.log_every = log_every
 
     def update(self, epoch, done, summary, images_per_sec):
+        text = f"epoch {epoch + 1} step {done}/{self.steps} loss {summary['loss']:.4f} {images_per_sec:,.0f} img/s"
         if not self.tty:
+            _say(text)
             return
         width = 30
-        filled = width * done // self.steps
-        bar = "#" * filled + "." * (width - filled)
-        print(f"\repoch {epoch + 1} [{bar}] {done}/{self.steps} loss {summary['loss']:.4f} "
-              f"{images_per_sec:,.0f} img/s", end="", flush=True)
+        bar = "#" * (width * done // self.steps) + "." * (width - width * done // self.steps)
+        print(f"\r{text} [{bar}]", end="", flush=True)
 
     def epoch_done(self, r):
         if self.tty:

@@ -104,7 +104,7 @@ def load_model(workdir: str | Path):
         **config["model_options"],
     )
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    target = {"params": nnx.pure(params).to_pure_dict(), "batch_stats": nnx.pure(batch_stats).to_pure_dict()}
+    target = {"params": nnx.as_pure(params).to_pure_dict(), "batch_stats": nnx.as_pure(batch_stats).to_pure_dict()}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(model_path.absolute(), target)
     nnx.replace_by_pure_dict(params, restored["params"])

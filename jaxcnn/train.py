@@ -48,7 +48,7 @@ def split_model(model: nnx.Module):
     model.eval()
     eval_def, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.train()
-    return train_def, eval_def, nnx.pure(params), nnx.pure(batch_stats)
+    return train_def, eval_def, nnx.as_pure(params), nnx.as_pure(batch_stats)
 
 
 def make_optimizer(
@@ -147,7 +147,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *, i
             model = nnx.merge(graphdef, params, state.batch_stats)
             logits = model(x, rngs=nnx.Rngs(dropout=dropout_key))
             loss = cross_entropy(logits, labels).mean()
-            return loss, (logits, nnx.pure(nnx.state(model, nnx.BatchStat)))
+            return loss, (logits, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -157,7 +157,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *, i
             opt_state=opt_state,
             step=state.step + 1,
         )
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         n = labels.shape[0]
         totals = {
             "loss": totals["loss"] + loss * n,
