@@ -56,7 +56,7 @@ def main():
         row = {"shape": name, "x": [n, h, w, c], "w": [k, k, c, o], "stride": stride, "padding": padding,
                "patch_to_input_size": round(k * k * cost["output_hw"][0] * cost["output_hw"][1] / (h * w), 2)}
         for label, conv in (("conv2d", ops.conv2d), ("im2col", analysis.conv2d_im2col)):
-            fwd = jax.jit(lambda x, kernel, conv=conv: conv(x, kernel, stride=stride, padding=padding))
+            fwd = jax.jit(lambda x, kernel, conv=conv, s=stride, p=padding: conv(x, kernel, stride=s, padding=p))
             # Squared, so the backward needs the forward's output and XLA cannot drop it.
             fwd_bwd = jax.jit(jax.grad(lambda x, kernel, f=fwd: jnp.sum(f(x, kernel) ** 2), argnums=(0, 1)))
             for mode, f, flops in (("fwd", fwd, gflop), ("fwd_bwd", fwd_bwd, 3 * gflop)):

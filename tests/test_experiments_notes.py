@@ -28,7 +28,7 @@ def test_edge_detection_reproduces_the_notes(tmp_path, capsys):
     assert "[[ 1. -1.]]" in out
 
     # "epoch 2, loss 0.846"-like lines every 2 steps, agreeing with the losses recorded.
-    logged = re.findall(r"^epoch (\d+), loss (\d+\.\d{3})$", out, re.M)
+    logged = re.findall(r"^epoch (\d+), loss (\d+\.\d{3})$", out, re.MULTILINE)
     steps = results["steps"]
     assert [int(e) for e, _ in logged] == list(range(2, steps + 1, 2))
     np.testing.assert_allclose([float(v) for _, v in logged], results["losses"][1::2], atol=6e-4)
