@@ -24,6 +24,7 @@ import importlib.resources
 import itertools
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,7 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         import tensorflow_datasets as tfds
     except ImportError:
         raise _unknown(name, "tensorflow_datasets is not installed: pip install 'jaxcnn[tfds]'") from None
+    _keep_tensorflow_off_gpus()  # in case TFDS imported it
     try:  # also finds datasets that other code prepared, from their files
         builder = tfds.builder(name, data_dir=data_dir)
     except ValueError:  # DatasetNotFoundError or a malformed name
@@ -176,23 +178,24 @@ def _not_prepared_message(name: str, builder) -> str:
 
 def _read_tfrecord(tfds, builder, name) -> list[dict[str, np.ndarray]]:
     try:
-        import tensorflow as tf
+        import tensorflow  # noqa: F401
     except ImportError:
         raise ValueError(
             f"load: {name!r} is prepared in {builder.data_dir} as TFRecord, which needs "
             "TensorFlow (pip install 'jaxcnn[tfds-tf]'); or prepare it again with "
             "--file_format=array_record, which does not"
         ) from None
-    _hide_gpus_from_tensorflow(tf)
+    _keep_tensorflow_off_gpus()
     return tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1))
 
 
-def _hide_gpus_from_tensorflow(tf) -> None:
-    # TensorFlow would grab the accelerator's memory that JAX needs.
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow already initialised its devices
-        pass
+def _keep_tensorflow_off_gpus() -> None:
+    """If TensorFlow is imported, hide GPUs from it: it would grab the memory JAX needs."""
+    if "tensorflow" in sys.modules:
+        try:
+            sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow already initialised its devices: too late
+            pass
 
 
 # --------------------------------------------------------------------------

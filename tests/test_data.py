@@ -1,6 +1,7 @@
 """Tests for jaxcnn.data: loaders, IDX parsing, host batching, preprocess, prefetch, TFDS."""
 
 import gzip
+import hashlib
 import importlib.resources
 import importlib.util
 import re
@@ -8,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
 import chex
 import jax
@@ -55,7 +57,12 @@ def index_split(n):
 
 def test_mnist_10k_matches_its_readme():
     ds = data.load("mnist_10k")
-    readme = (importlib.resources.files("jaxcnn") / "datasets" / "mnist_10k" / "README.md").read_text()
+    bundled = importlib.resources.files("jaxcnn") / "datasets" / "mnist_10k"
+    readme = (bundled / "README.md").read_text()
+    checksums = re.findall(r"([0-9a-f]{64})  (\S+)", readme)
+    assert len(checksums) == 4
+    for digest, file in checksums:
+        assert hashlib.sha256((bundled / file).read_bytes()).hexdigest() == digest, file
     for split, n in ((ds.train, 8000), (ds.test, 2000)):
         chex.assert_shape(split.images, (n, 28, 28, 1))
         chex.assert_shape(split.labels, (n,))
@@ -351,3 +358,13 @@ def test_tfds_unprepared_fails_fast_with_instructions(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"(?s)not prepared.*tfds build fashion_mnist.*array_record.*mnist_10k"):
         data.load("fashion_mnist", data_dir=str(tmp_path))
     assert time.perf_counter() - start < 10
+
+
+def test_tfds_hides_gpus_from_an_imported_tensorflow(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    calls = []
+    fake_config = types.SimpleNamespace(set_visible_devices=lambda devices, kind: calls.append((devices, kind)))
+    monkeypatch.setitem(sys.modules, "tensorflow", types.SimpleNamespace(config=fake_config))
+    with tfds.testing.mock_data(num_examples=2):
+        data.load("fashion_mnist", data_dir=str(tmp_path))
+    assert ([], "GPU") in calls
