@@ -1,7 +1,7 @@
 """LeNet-5 as the LeNet chapter trains it: sigmoid, average pooling, SGD lr 0.1, batch 128, 10 epochs.
 
     python -m experiments.lenet --accelerator gpu          # the chapter's run, on Fashion-MNIST
-    python -m experiments.lenet --dataset mnist_10k --activation relu --pooling max --optimizer adam --lr 0.001
+    python -m experiments.lenet --dataset mnist_10k --activation relu --pooling max --optimizer adam --lr 0.003 --schedule cosine
 """
 
 from experiments import runner

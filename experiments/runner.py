@@ -147,20 +147,21 @@ def main(model: str, defaults: dict, model_flags=lambda group: None, model_optio
 
 
 def _select_accelerator(parser, accelerator: str) -> None:
-    """Must run before JAX touches a backend: fixes the platform, or fails loudly."""
+    """Fixes JAX's platform before it starts a backend, or fails loudly: never a silent fallback."""
     import jax
 
     if accelerator == "auto":
         return
-    jax.config.update("jax_platforms", accelerator if accelerator != "gpu" else "cuda")
+    platform_name = "cuda" if accelerator == "gpu" else accelerator
     try:
-        jax.devices()
+        jax.devices(platform_name)
     except RuntimeError as error:
         parser.error(
             f"--accelerator {accelerator}: no {accelerator.upper()} is available to JAX here "
-            f"({str(error).splitlines()[0]}). Use --accelerator cpu or auto"
+            f"({str(error).splitlines()[0]}); use --accelerator cpu or auto"
             + (", or install JAX's CUDA plugin: pip install -e '.[cuda]'" if accelerator == "gpu" else "")
         )
+    jax.config.update("jax_platforms", platform_name)
 
 
 def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> int:

@@ -190,8 +190,9 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path):
     output = "".join(lines)
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert "stopped by SIGTERM" in output and "--resume" in output
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and 3 <= steps[-1] < 8
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    steps = [int(name) for name in saved if name.isdigit()]
+    assert steps and 3 <= steps[-1] < 8, (saved, output)
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
