@@ -166,7 +166,7 @@ def _select_accelerator(parser, accelerator: str) -> None:
 
 def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> int:
     import jax
-    import numpy as np
+    import jax.numpy as jnp
 
     from jaxcnn import checkpoint, data, models, train
 
@@ -204,7 +204,7 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         model = models.create(
             model_name, num_classes=dataset.num_classes, in_channels=in_channels,
             image_size=image_size, seed=args.seed,
-            **model_options, **({"dtype": "bfloat16"} if args.dtype == "bfloat16" else {}),
+            **model_options, **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}),
         )
     except ValueError as error:
         parser.error(str(error))
@@ -217,8 +217,10 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
     mesh = train.data_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    state = jax.device_put(train.create_train_state(params, batch_stats, tx, args.seed), replicated)
-    totals = jax.device_put(train.zero_totals(), replicated)
+    # A jitted identity places host values on every device of every process (device_put can't across hosts).
+    replicate = jax.jit(lambda tree: tree, out_shardings=replicated)
+    state = replicate(train.create_train_state(params, batch_stats, tx, args.seed))
+    totals = replicate(train.zero_totals())
     train_step = train.make_train_step(train_def, tx, mesh, image_size=image_size)
     eval_step = train.make_eval_step(eval_def, mesh, image_size=image_size)
 
@@ -286,7 +288,7 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         train_summary = train.summarize(totals)
         _check_finite(train_summary, mngr, workdir, args.lr)
 
-        eval_totals = jax.device_put(train.zero_totals(), replicated)
+        eval_totals = replicate(train.zero_totals())
         for images, labels, mask in data.prefetch(
             data.eval_batches(test_split, args.batch_size, process_index=jax.process_index(),
                               process_count=jax.process_count()),
@@ -305,7 +307,7 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             "images_per_sec": images_seen / train_seconds,
             "seconds": time.perf_counter() - epoch_start,
         }
-        totals = jax.device_put(train.zero_totals(), replicated)
+        totals = replicate(train.zero_totals())
         checkpoint.save(mngr, step, state, totals, {"epoch": epoch + 1, "batch": 0})
         log.epoch_done(record)
         if is_writer:
