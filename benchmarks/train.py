@@ -1,0 +1,323 @@
+"""Train-step throughput of the chapters' models, and whole LeNet runs. Prints one JSON object.
+
+    python benchmarks/train.py                      # lenet, resnet18@96, resnet18@32, vgg11@224, runner runs
+    python benchmarks/train.py --models lenet --runner-epochs 0
+    python benchmarks/train.py --quick              # tiny settings: proves the script works
+
+Per model (`name@image_size`; the size defaults to the chapter's), at one
+global batch size, through `jaxcnn.train.make_train_step` exactly as the
+runner calls it:
+  synthetic_images_per_s  one uint8 28x28 batch already on device, reused:
+                          the step alone (resize included, as in training).
+  pipeline_images_per_s   mnist_10k through train_batches + prefetch, as the
+                          runner feeds it; pipeline / synthetic near 1 means
+                          the input is not the bottleneck.
+  first_step_s, compile_s the first call, and its trace + lower + XLA compile
+                          seconds from jax.monitoring's compile events.
+  recompiles_after_first_step  compiles of train_step after the first call
+                          (must be 0: every batch has one shape and sharding).
+Images/s are the median of --repeats chunks of --steps steps each (one host
+sync per chunk, as the runner syncs once per log interval).
+
+`lenet_breakdown` times the pieces of the LeNet step separately (preprocess,
+forward, forward+backward, optimizer update, each layer's forward+backward)
+and gives XLA's flop count of the whole step. `runner` times whole
+`python -m experiments.lenet` runs on mnist_10k in a subprocess: the
+chapter's settings and the README's quick-start settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxcnn import data, models, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = "lenet,resnet18@96,resnet18@32,vgg11@224"
+# Steps per timed chunk, so a chunk takes seconds, not minutes, on 2 CPU cores.
+DEFAULT_STEPS = {"lenet": 100, "resnet18@32": 10, "resnet18@96": 3, "vgg11@224": 2}
+RUNNER_SETTINGS = {
+    "chapter": [],  # sigmoid, average pooling, SGD lr 0.1
+    "quick_start": ["--activation", "relu", "--pooling", "max", "--optimizer", "adam", "--lr", "0.003",
+                    "--schedule", "cosine"],
+}
+# What the issue compares against (torch 2.13 CPU on this machine; not measured by this script).
+TORCH_LENET_IMAGES_PER_S = [13000, 17000]
+
+
+class CompileLog:
+    """(event, function name, seconds) of every jax compile stage, via jax.monitoring."""
+
+    STAGES = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+        "/jax/core/compile/backend_compile_duration": "xla_compile_s",
+    }
+
+    def __init__(self):
+        self.events = []
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event, duration, fun_name="", **kwargs):
+        if event in self.STAGES:
+            self.events.append((self.STAGES[event], fun_name, duration))
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def since(self, mark: int, fun_name: str) -> list:
+        return [e for e in self.events[mark:] if fun_name in e[1]]
+
+
+COMPILES = CompileLog()
+
+
+def parse_model(spec: str) -> tuple[str, int]:
+    name, _, size = spec.partition("@")
+    if name not in models.names():
+        raise ValueError(f"train.py: unknown model {name!r} in --models; choose from {models.names()}")
+    return name, int(size) if size else models.default_image_size(name)
+
+
+def setup(name: str, image_size: int, batch_size: int, mesh, **options):
+    """(train_step, state, totals) for `name` on `mesh`, as the runner builds them (SGD, the chapters')."""
+    model = models.create(name, image_size=image_size, **options)
+    train_def, _, params, batch_stats = train.split_model(model)
+    tx = train.make_optimizer("sgd", 0.01, total_steps=1000)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(train.create_train_state(params, batch_stats, tx, seed=0), replicated)
+    totals = jax.device_put(train.zero_totals(), replicated)
+    return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals, tx, model
+
+
+def timed_chunks(step, state, totals, batches, steps: int, repeats: int):
+    """(state, totals, seconds per chunk of `steps` steps); one sync at each chunk's end."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            images, labels = next(batches)
+            state, totals = step(state, totals, images, labels)
+        jax.block_until_ready((state, totals))
+        seconds.append(time.perf_counter() - start)
+    return state, totals, seconds
+
+
+def bench_model(spec: str, batch_size: int, steps: int, repeats: int, split: data.Split) -> dict:
+    name, image_size = parse_model(spec)
+    mesh = train.data_mesh()
+    batch_sharding = NamedSharding(mesh, P("data"))
+    step, state, totals, _, model = setup(name, image_size, batch_size, mesh)
+    num_params = sum(p.size for p in jax.tree.leaves(state.params))
+    # The dataset's own shape (28x28x1): the step resizes, in training as here.
+    images, labels = split.images[:batch_size], split.labels[:batch_size]
+    synthetic = itertools.repeat(jax.device_put((images, labels), batch_sharding))
+
+    mark = COMPILES.mark()
+    state, totals, (first_s,) = timed_chunks(step, state, totals, synthetic, 1, 1)
+    first = COMPILES.since(mark, "train_step")
+    mark = COMPILES.mark()
+    state, totals, synthetic_s = timed_chunks(step, state, totals, synthetic, steps, repeats)
+
+    endless = itertools.chain.from_iterable(
+        data.train_batches(split, batch_size, seed=0, epoch=epoch) for epoch in itertools.count()
+    )
+    pipeline = data.prefetch(endless, batch_sharding)
+    state, totals, pipeline_s = timed_chunks(step, state, totals, pipeline, steps, repeats)
+    recompiles = [e for e in COMPILES.since(mark, "") if e[0] == "xla_compile_s"]
+
+    per_s = lambda seconds: batch_size * steps / statistics.median(seconds)
+    step_s = statistics.median(synthetic_s) / steps
+    compile_s = {stage: round(sum(s for st, _, s in first if st == stage), 3) for stage in CompileLog.STAGES.values()}
+    return {
+        "image_size": image_size,
+        "params": num_params,
+        "steps_per_chunk": steps,
+        "chunks": repeats,
+        "synthetic_images_per_s": round(per_s(synthetic_s)),
+        "synthetic_chunk_images_per_s": [round(batch_size * steps / s) for s in synthetic_s],
+        "pipeline_images_per_s": round(per_s(pipeline_s)),
+        "pipeline_chunk_images_per_s": [round(batch_size * steps / s) for s in pipeline_s],
+        "pipeline_over_synthetic": round(per_s(pipeline_s) / per_s(synthetic_s), 3),
+        "step_ms": round(1e3 * step_s, 3),
+        "first_step_s": round(first_s, 3),
+        "first_step_minus_steady_s": round(first_s - step_s, 3),
+        "compile_s": compile_s,
+        "recompiles_after_first_step": sum("train_step" in e[1] for e in recompiles),
+        "other_compiles_in_loop": sorted({e[1] for e in recompiles if "train_step" not in e[1]}),
+    }
+
+
+# --------------------------------------------------------------------------
+# Where the LeNet step's time goes.
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    """Median milliseconds of the jitted fn (compiled and run once first)."""
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def lenet_breakdown(batch_size: int, repeats: int, split: data.Split) -> dict:
+    mesh = train.data_mesh()
+    step, state, totals, tx, model = setup("lenet", 28, batch_size, mesh)
+    train_def, _, _, _ = train.split_model(model)
+    images = jax.device_put(split.images[:batch_size])
+    labels = jax.device_put(split.labels[:batch_size])
+    x = data.preprocess(images)
+
+    def loss(params, x):
+        logits = nnx.merge(train_def, params, state.batch_stats)(x)
+        return train.cross_entropy(logits, labels).mean()
+
+    grad = jax.grad(loss)
+    grads = grad(state.params, x)
+
+    def update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    parts = {
+        "preprocess_ms": median_ms(data.preprocess, images, repeats=repeats),
+        "forward_loss_ms": median_ms(loss, state.params, x, repeats=repeats),
+        "forward_backward_ms": median_ms(grad, state.params, x, repeats=repeats),
+        "optimizer_update_ms": median_ms(update, grads, state.opt_state, state.params, repeats=repeats),
+    }
+    cost = step.lower(state, totals, images, labels).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict in older jax
+    # The step donates its state: thread it through, one sync per step like the pieces.
+    state, totals, _ = timed_chunks(step, state, totals, itertools.repeat((images, labels)), 1, 1)
+    state, totals, seconds = timed_chunks(step, state, totals, itertools.repeat((images, labels)), 1, repeats)
+    whole_ms = 1e3 * statistics.median(seconds)
+    # Each layer alone at its input shape: forward, and forward + the backward
+    # training needs (to the parameters; to the input too, except for the first layer).
+    layers = {}
+    h = x
+    # A fresh model: the step donated the arrays `model` shares with the state.
+    for i, layer in enumerate(models.create("lenet").net.layers):
+        if isinstance(layer, nnx.Module):
+            graphdef, layer_state = nnx.split(layer)
+            apply = lambda s, h, graphdef=graphdef: nnx.merge(graphdef, s)(h)
+        else:
+            layer_state, apply = {}, lambda s, h, f=layer: f(h)
+        backward = jax.grad(lambda s, h, apply=apply: jnp.sum(apply(s, h)), argnums=(0, 1) if i else 0)
+        label = f"{i} {getattr(layer, '__name__', type(layer).__name__)} {tuple(h.shape[1:])}"
+        layers[label] = {
+            "forward_ms": round(median_ms(apply, layer_state, h, repeats=repeats), 3),
+            "forward_backward_ms": round(median_ms(backward, layer_state, h, repeats=repeats), 3),
+        }
+        h = apply(layer_state, h)
+    accounted = sum(parts[k] for k in ("preprocess_ms", "forward_backward_ms", "optimizer_update_ms"))
+    return {
+        "batch_size": batch_size,
+        "whole_step_ms": round(whole_ms, 3),
+        **{k: round(v, 3) for k, v in parts.items()},
+        "rest_ms": round(whole_ms - accounted, 3),
+        "note": "each piece is its own jit, so their sum misses cross-piece fusion; "
+        "rest = whole step - preprocess - forward_backward - optimizer_update (metrics, dispatch)",
+        "layers": layers,
+        "xla_step_gflop": round(cost.get("flops", float("nan")) / 1e9, 4),
+        "xla_step_mbytes_accessed": round(cost.get("bytes accessed", float("nan")) / 1e6, 2),
+        "achieved_gflop_per_s": round(cost.get("flops", float("nan")) / 1e6 / whole_ms, 2),
+    }
+
+
+# --------------------------------------------------------------------------
+# Whole runs through the runner.
+
+
+def runner_run(setting: str, epochs: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp) / "run"
+        argv = [sys.executable, "-m", "experiments.lenet", "--dataset", "mnist_10k", "--workdir", str(workdir),
+                "--epochs", str(epochs), *RUNNER_SETTINGS[setting], *extra]
+        start = time.perf_counter()
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall_s = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"train.py: {' '.join(argv[1:])} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steady = [r["images_per_sec"] for r in records[1:]] or [records[0]["images_per_sec"]]
+    return {
+        "command": " ".join(["python", *argv[1:]]).replace(str(workdir), "TMP"),
+        "wall_s": round(wall_s, 1),
+        "epochs": len(records),
+        "final_test_accuracy": records[-1]["test_accuracy"],
+        "final_train_loss": round(records[-1]["train_loss"], 4),
+        "train_epoch_s": [round(r["seconds"], 2) for r in records],
+        "first_epoch_images_per_s": round(records[0]["images_per_sec"]),
+        "later_epochs_images_per_s": round(statistics.median(steady)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated name[@image_size]")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed chunk (default: per model)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed chunks per measurement")
+    parser.add_argument("--runner-epochs", type=int, default=10, help="epochs of each runner run (0: skip the runs)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the LeNet step breakdown")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
+    args = parser.parse_args()
+    runner_extra = []
+    if args.quick:
+        args.models, args.batch_size, args.steps, args.repeats, args.runner_epochs = "lenet", 32, 2, 1, 1
+        runner_extra = ["--train-examples", "256", "--test-examples", "64", "--batch-size", "32"]
+    if args.batch_size < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.runner_epochs < 0:
+        parser.error("--batch-size, --steps and --repeats must be positive, --runner-epochs >= 0")
+    try:
+        specs = [s for s in args.models.split(",") if s]
+        [parse_model(s) for s in specs]
+    except ValueError as error:
+        parser.error(str(error))
+
+    split = data.load(data.BUNDLED).train
+    results = {"benchmark": "train", "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+               "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(), "jax": jax.__version__,
+               "batch_size": args.batch_size, "data": "uint8 28x28x1 MNIST digits, resized inside the step"}
+    results["models"] = {}
+    for spec in specs:
+        name, size = parse_model(spec)
+        steps = args.steps or DEFAULT_STEPS.get(f"{name}@{size}" if name != "lenet" else name, 3)
+        results["models"][f"{name}@{size}"] = bench_model(spec, args.batch_size, steps, args.repeats, split)
+    if "lenet" in [parse_model(s)[0] for s in specs]:
+        lenet = results["models"]["lenet@28"]
+        results["lenet_vs_torch"] = {
+            "torch_images_per_s": TORCH_LENET_IMAGES_PER_S,
+            "jax_synthetic_images_per_s": lenet["synthetic_images_per_s"],
+            "ratio_to_torch": [round(lenet["synthetic_images_per_s"] / t, 2) for t in TORCH_LENET_IMAGES_PER_S],
+            "note": "torch figures are the issue's (torch 2.13 CPU, batch 128), not measured in this run",
+        }
+    if not args.no_breakdown:
+        results["lenet_breakdown"] = lenet_breakdown(args.batch_size, max(args.repeats, 5 if not args.quick else 1), split)
+    if args.runner_epochs:
+        results["runner"] = {s: runner_run(s, args.runner_epochs, runner_extra) for s in RUNNER_SETTINGS}
+    results["load_average_after"] = os.getloadavg()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
