@@ -245,7 +245,10 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
     mngr = checkpoint.manager(workdir / "checkpoints", keep=args.keep_checkpoints)
     start_epoch, start_batch = 0, 0
     if args.resume:
-        restored = checkpoint.restore_latest(mngr, state, totals)
+        try:
+            restored = checkpoint.restore_latest(mngr, state, totals)
+        except ValueError as error:
+            parser.exit(1, f"error: {error}\n")
         if restored is None:
             _say(f"no checkpoint in {workdir / 'checkpoints'}; starting from scratch")
         else:

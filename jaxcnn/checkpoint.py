@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def manager(directory: str | Path, *, keep: int) -> ocp.CheckpointManager:
@@ -47,6 +48,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state_like, totals_like):
     """
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     steps = sorted(mngr.all_steps(), reverse=True)
+    damaged = []
     for step in steps:
         try:
             restored = mngr.restore(
@@ -59,15 +61,29 @@ def restore_latest(mngr: ocp.CheckpointManager, state_like, totals_like):
             )
         except Exception as error:  # Orbax and TensorStore raise many kinds for damaged files.
             path = Path(mngr.directory) / str(step)
-            print(
-                f"warning: checkpoint {path} is damaged and was skipped "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})",
-                file=sys.stderr,
-            )
+            reason = str(error).splitlines()[0][:200] if str(error) else ""
+            print(f"warning: checkpoint {path} is damaged ({type(error).__name__}: {reason}); "
+                  f"moved aside to {path.name}.damaged, trying the previous one", file=sys.stderr)
+            damaged.append(path)
             continue
+        break
+    else:
+        step = None
+    if damaged:
+        # Set the damaged ones aside (never delete) so this run can save those steps again.
+        if jax.process_index() == 0:
+            for path in damaged:
+                target, n = path.with_name(f"{path.name}.damaged"), 1
+                while target.exists():
+                    target, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+                path.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxcnn: damaged checkpoints moved")
+        mngr.reload()
+    if step is not None:
         return step, restored.state, restored.totals, dict(restored.meta)
     if steps:
-        raise RuntimeError(
+        raise ValueError(
             f"no checkpoint in {mngr.directory} could be restored (steps {steps} all damaged); "
             "start a new run in another --workdir"
         )

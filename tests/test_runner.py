@@ -195,20 +195,32 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path):
     assert steps and 3 <= steps[-1] < 8, (saved, output)
 
 
-def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
-    assert run_lenet(tmp_path, "--epochs", "2") == 0
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    assert run_lenet(tmp_path, "--epochs", "1", "--checkpoint-every", "4") == 0
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [8, 16]
-    # Garbage over every file of the newest checkpoint's state.
-    for path in (checkpoints / "16" / "state").rglob("*"):
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4, 8]
+    for path in (checkpoints / "8" / "state").rglob("*"):
         if path.is_file():
-            path.write_bytes(b"garbage")
+            path.write_bytes(b"garbage" if damage == "garbage" else path.read_bytes()[: path.stat().st_size // 2])
     capsys.readouterr()
-    assert run_lenet(tmp_path, "--epochs", "2", "--resume") == 0
+    assert run_lenet(tmp_path, "--epochs", "1", "--resume") == 0
     out, err = capsys.readouterr()
-    assert "checkpoint" in err and "16" in err and "damaged" in err
-    assert "resuming from step 8" in out
-    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
+    assert f"checkpoint {checkpoints / '8'} is damaged" in err
+    assert "resuming from step 4" in out
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1]
+    assert (checkpoints / "8.damaged").is_dir() and (checkpoints / "8").is_dir()  # set aside, then saved anew
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, capsys):
+    assert run_lenet(tmp_path, "--epochs", "1") == 0
+    for path in (tmp_path / "checkpoints").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        run_lenet(tmp_path, "--epochs", "2", "--resume")
+    assert exit_info.value.code == 1
+    assert "could be restored" in capsys.readouterr().err
 
 
 def _free_port() -> int:
