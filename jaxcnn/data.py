@@ -290,8 +290,9 @@ def preprocess(images, image_size: int | None = None, dtype=jnp.float32) -> jax.
     x = jnp.asarray(images, jnp.float32) / 255  # in float32 even for bfloat16 out: one rounding
     if image_size is not None:
         _check_int("preprocess", "image_size", image_size, 1)
-        n, _, _, c = x.shape
-        x = jax.image.resize(x, (n, image_size, image_size, c), "bilinear")
+        n, h, w, c = x.shape
+        if (h, w) != (image_size, image_size):
+            x = jax.image.resize(x, (n, image_size, image_size, c), "bilinear")
     return x.astype(dtype)
 
 
