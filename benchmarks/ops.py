@@ -115,6 +115,8 @@ def main():
             device_count=jax.device_count(),
             cpu_count=os.cpu_count(),
             load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+            # Settings that change what is timed (XLA flags, jaxcnn's own switches).
+            env={k: v for k, v in os.environ.items() if k.startswith(("JAXCNN_", "XLA_"))},
         ),
         repeats=dict(jitted=args.repeats, reference=args.reference_repeats),
         unit="ms, median per call",

@@ -49,6 +49,13 @@ def as_hw(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+RNG = np.random.default_rng(0)
+
+
+def normal(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
 # --------------------------------------------------------------------------
 # The notes' worked numbers.
 
@@ -299,6 +306,22 @@ class PropertyTest(chex.TestCase):
             assert_close(y, expected)
 
 
+def test_same_padding_is_tensorflows():
+    """The twins share ops.as_padding, so check "SAME" against lax's own:
+    output ceil(n / stride), the odd pixel at the bottom/right."""
+    for n in range(1, 8):
+        for k in range(1, 5):
+            for s in range(1, 4):
+                for d in (1, 2):
+                    pads = ops.as_padding("test", "SAME", (n, n), (k, k), (s, s), (d, d))
+                    assert list(pads) == lax.padtype_to_pads((n, n), ((k - 1) * d + 1,) * 2, (s, s), "SAME")
+    x, w = normal(1, 4, 6, 2), normal(3, 2, 2, 3)  # stride 2 on even sizes: asymmetric padding
+    y = ops.conv2d(x, w, stride=2, padding="SAME", precision=HIGHEST)
+    expected = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    chex.assert_shape(y, (1, 2, 3, 3))
+    assert_close(y, expected)
+
+
 def test_ceil_mode_windows_follow_pytorch():
     """pool_output_shape against the window count, over every small geometry;
     the scan must include both ceil_mode edge cases to mean anything."""
@@ -320,13 +343,6 @@ def test_ceil_mode_windows_follow_pytorch():
 
 # --------------------------------------------------------------------------
 # Identities from the chapters.
-
-RNG = np.random.default_rng(0)
-
-
-def normal(*shape):
-    return RNG.normal(size=shape).astype(np.float32)
-
 
 class IdentityTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
