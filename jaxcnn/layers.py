@@ -144,8 +144,9 @@ class Flatten(nnx.Module):
 def linear(in_features: int, out_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Linear:
     """nnx.Linear with the notes' init_cnn: Xavier-uniform kernel, zero bias."""
     return nnx.Linear(
-        in_features, out_features, kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
-    )
+        in_features, out_features, kernel_init=xavier_uniform, bias_init=zeros,
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+    )  # fmt: skip
 
 
 def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -49,7 +49,9 @@ class VGG(nnx.Module):
             raise ValueError(f"VGG: dropout must be in [0, 1), got {dropout!r}")
         side = image_size // 2 ** len(arch)
         if side < 1:
-            raise ValueError(f"VGG: image_size must be at least {2 ** len(arch)} for {len(arch)} blocks, got {image_size}")
+            raise ValueError(
+                f"VGG: image_size must be at least {2 ** len(arch)} for {len(arch)} blocks, got {image_size}"
+            )
         self.in_channels, self.image_size = in_channels, image_size
         blocks, channels = [], in_channels
         for num_convs, out_channels in arch:

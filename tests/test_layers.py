@@ -1,0 +1,145 @@
+"""jaxcnn.layers: Conv2D against flax's nnx.Conv, the notes' initialisation, pooling, flatten, batch norm."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcnn import layers
+
+X = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, groups",
+    [
+        (3, 1, 1, 1, 1),
+        (3, 2, 1, 1, 1),
+        ((3, 2), (2, 1), (2, 0), 1, 2),
+        (3, 1, 2, 2, 1),
+        (1, 2, 0, 1, 4),
+    ],
+)
+def test_conv2d_matches_flax_conv(kernel, stride, padding, dilation, groups):
+    ours = layers.Conv2D(
+        4, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, rngs=nnx.Rngs(1)
+    )
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    kernel_hw = (kernel, kernel) if isinstance(kernel, int) else kernel  # flax reads an int as a 1-D kernel
+    flax_conv = nnx.Conv(
+        4, 8, kernel_hw, strides=stride, padding=((ph, ph), (pw, pw)), kernel_dilation=dilation,
+        feature_group_count=groups, rngs=nnx.Rngs(2),
+    )  # fmt: skip
+    chex.assert_equal_shape([ours.kernel[...], flax_conv.kernel[...]])
+    flax_conv.kernel[...] = ours.kernel[...]
+    flax_conv.bias[...] = jax.random.normal(jax.random.key(3), (8,))
+    ours.bias[...] = flax_conv.bias[...]
+    y = ours(X)
+    chex.assert_shape(y, flax_conv(X).shape)
+    np.testing.assert_allclose(y, flax_conv(X), rtol=1e-5, atol=1e-5)
+
+
+def test_same_padding_is_tensorflows_not_symmetric():
+    """For stride 2 on an even size, "SAME" pads (0, 1): equal to flax's SAME, not to padding=1."""
+    x = X[:, :8]
+    same = layers.Conv2D(4, 3, 3, stride=2, padding="SAME", rngs=nnx.Rngs(0))
+    sym = layers.Conv2D(4, 3, 3, stride=2, padding=1, rngs=nnx.Rngs(0))
+    flax_same = nnx.Conv(4, 3, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    flax_same.kernel[...] = same.kernel[...]
+    np.testing.assert_allclose(same(x), flax_same(x), rtol=1e-5, atol=1e-5)
+    chex.assert_equal_shape([same(x), sym(x)])
+    assert not np.allclose(same(x), sym(x))
+
+
+def _torch_xavier_limit(shape_oihw):
+    # torch.nn.init._calculate_fan_in_and_fan_out on a conv weight (O, I/groups, kh, kw).
+    o, i, kh, kw = shape_oihw
+    return np.sqrt(6.0 / (i * kh * kw + o * kh * kw))
+
+
+def test_conv_init_is_torch_xavier_uniform_with_groups():
+    conv = layers.Conv2D(64, 64, 3, groups=32, rngs=nnx.Rngs(0))
+    w = np.asarray(conv.kernel[...])
+    chex.assert_shape(w, (3, 3, 2, 64))
+    limit = _torch_xavier_limit((64, 2, 3, 3))  # fan_out is out * kh * kw, not divided by groups
+    assert np.abs(w).max() <= limit
+    assert np.abs(w).max() > 0.95 * limit  # 1,152 uniform draws reach the bound
+    np.testing.assert_array_equal(conv.bias[...], np.zeros(64))
+
+
+def test_linear_init_is_xavier_uniform_zero_bias():
+    dense = layers.linear(300, 100, rngs=nnx.Rngs(0))
+    w = np.asarray(dense.kernel[...])
+    limit = np.sqrt(6.0 / 400)
+    assert limit * 0.95 < np.abs(w).max() <= limit
+    np.testing.assert_array_equal(dense.bias[...], np.zeros(100))
+
+
+def test_conv2d_dtype_computes_in_bf16_keeps_params_f32():
+    conv = layers.Conv2D(4, 8, 3, padding=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    y = conv(X)
+    chex.assert_type([conv.kernel[...], conv.bias[...]], jnp.float32)
+    chex.assert_type(y, jnp.bfloat16)
+    chex.assert_shape(y, (2, 9, 8, 8))
+
+
+def test_conv2d_bad_arguments():
+    with pytest.raises(ValueError, match=r"Conv2D: .*divide by groups=3"):
+        layers.Conv2D(4, 8, 3, groups=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Conv2D: kernel_size must be >= 1"):
+        layers.Conv2D(4, 8, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Conv2D: out_features must be a positive int"):
+        layers.Conv2D(4, 0, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"conv2d: w expects 3"):
+        layers.Conv2D(3, 8, 3, rngs=nnx.Rngs(0))(X)
+
+
+def test_pool_layers():
+    mx, avg = layers.MaxPool2D(2)(X), layers.AvgPool2D(2)(X)  # stride defaults to the window
+    chex.assert_shape([mx, avg], (2, 4, 4, 4))
+    blocks = np.asarray(X)[:, :8].reshape(2, 4, 2, 4, 2, 4)
+    np.testing.assert_allclose(mx, blocks.max(axis=(2, 4)), rtol=1e-6)
+    np.testing.assert_allclose(avg, blocks.mean(axis=(2, 4)), rtol=1e-5, atol=1e-6)
+    # ResNet's stem pool: 3x3/2 with padding 1 (padding is -inf for max).
+    chex.assert_shape(layers.MaxPool2D(3, stride=2, padding=1)(X), (2, 5, 4, 4))
+    # count_include_pad=False divides a corner window by the 1 real element it covers.
+    corner = layers.AvgPool2D(2, padding=1, count_include_pad=False)(X)[:, 0, 0]
+    np.testing.assert_allclose(corner, X[:, 0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"MaxPool2D: window must be >= 1"):
+        layers.MaxPool2D(0)
+
+
+def test_global_avg_pool_and_flatten():
+    g = layers.GlobalAvgPool2D()(X)
+    chex.assert_shape(g, (2, 1, 1, 4))
+    np.testing.assert_allclose(g[:, 0, 0], X.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    flat = layers.Flatten()(X)
+    chex.assert_shape(flat, (2, 9 * 8 * 4))
+    # NHWC order (h, w, c): PyTorch's NCHW flatten is the same numbers permuted.
+    np.testing.assert_array_equal(flat[:, (3 * 8 + 5) * 4 + 2], X[:, 3, 5, 2])
+    torch_flat = np.asarray(X).transpose(0, 3, 1, 2).reshape(2, -1)
+    assert not np.array_equal(flat, torch_flat)
+    np.testing.assert_array_equal(np.sort(flat, axis=1), np.sort(torch_flat, axis=1))
+
+
+def test_batch_norm_uses_torch_momentum():
+    bn = layers.batch_norm(4, rngs=nnx.Rngs(0))
+    y = bn(X)  # train mode: normalise with batch statistics, update running ones
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    # running = 0.9 * running + 0.1 * batch, from mean 0 and var 1.
+    np.testing.assert_allclose(bn.mean[...], 0.1 * X.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * X.var(axis=(0, 1, 2)), rtol=1e-5)
+    bn.eval()
+    expected = (X - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5)
+    np.testing.assert_allclose(bn(X), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_check_input():
+    layers.check_input("M", X, 4)
+    layers.check_input("M", X[:, :8], 4, 8)
+    with pytest.raises(ValueError, match=r"M: x must be \(N, 8, 8, 4\) NHWC, got shape \(2, 9, 8, 4\)"):
+        layers.check_input("M", X, 4, 8)
+    with pytest.raises(ValueError, match=r"M: x must be \(N, H, W, 1\)"):
+        layers.check_input("M", X, 1)
