@@ -127,7 +127,9 @@ def test_max_pool2d_two_channels_notes(layout):
 )
 def test_output_shape_notes(kernel, padding, stride, expected):
     assert ops.conv_output_shape(8, kernel, stride=stride, padding=padding) == expected
-    y = ops.conv2d(np.ones((1, 1, 8, 8)), np.ones((1, 1, *as_hw(kernel))), stride=stride, padding=padding, layout="NCHW")
+    y = ops.conv2d(
+        np.ones((1, 1, 8, 8)), np.ones((1, 1, *as_hw(kernel))), stride=stride, padding=padding, layout="NCHW"
+    )
     chex.assert_shape(y, (1, 1, *expected))
 
 
@@ -222,7 +224,9 @@ def pool_cases(draw):
     kind = draw(st.sampled_from(POOLS))
     window = draw(pair(1, 4))
     (kh, kw), stride = as_hw(window), draw(st.one_of(st.none(), pair(1, 3)))
-    padding = draw(st.one_of(st.integers(0, min(kh, kw) // 2), st.tuples(st.integers(0, kh // 2), st.integers(0, kw // 2))))
+    padding = draw(
+        st.one_of(st.integers(0, min(kh, kw) // 2), st.tuples(st.integers(0, kh // 2), st.integers(0, kw // 2)))
+    )
     hw = [draw(st.integers(max(1, k - 2 * p), k + 4)) for k, p in zip((kh, kw), as_hw(padding))]
     extra = {}
     if kind == "avg":
@@ -230,8 +234,17 @@ def pool_cases(draw):
     if kind == "soft":
         extra["temperature"] = draw(st.sampled_from([0.3, 1.0, 3.0]))
     return pool_case(
-        kind, window, stride, padding, hw, draw(st.booleans()), draw(st.sampled_from(ops.LAYOUTS)),
-        seed=draw(st.integers(0, 2**32 - 1)), batch=draw(st.integers(1, 2)), channels=draw(st.integers(1, 3)), **extra,
+        kind,
+        window,
+        stride,
+        padding,
+        hw,
+        draw(st.booleans()),
+        draw(st.sampled_from(ops.LAYOUTS)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        batch=draw(st.integers(1, 2)),
+        channels=draw(st.integers(1, 3)),
+        **extra,
     )
 
 
@@ -293,12 +306,19 @@ class PropertyTest(chex.TestCase):
         x, k, k1x1 = case
         pairs = [
             (ops.corr2d, reference.corr2d, (x[0], k[0, 0])),
-            (functools.partial(ops.convolve2d, mode=conv_mode), functools.partial(reference.convolve2d, mode=conv_mode), (x[0], k[0, 0])),
+            (
+                functools.partial(ops.convolve2d, mode=conv_mode),
+                functools.partial(reference.convolve2d, mode=conv_mode),
+                (x[0], k[0, 0]),
+            ),
             (ops.corr2d_multi_in, reference.corr2d_multi_in, (x, k[0])),
             (ops.corr2d_multi_in_out, reference.corr2d_multi_in_out, (x, k)),
             (ops.corr2d_multi_in_out_1x1, reference.corr2d_multi_in_out_1x1, (x, k1x1)),
-            (functools.partial(ops.pool2d, pool_size=k.shape[2:], mode=pool_mode),
-             functools.partial(reference.pool2d, pool_size=k.shape[2:], mode=pool_mode), (x[0],)),
+            (
+                functools.partial(ops.pool2d, pool_size=k.shape[2:], mode=pool_mode),
+                functools.partial(reference.pool2d, pool_size=k.shape[2:], mode=pool_mode),
+                (x[0],),
+            ),
         ]
         for op, twin, args in pairs:
             y, expected = self.variant(op)(*args), twin(*args)
@@ -317,7 +337,9 @@ def test_same_padding_is_tensorflows():
                     assert list(pads) == lax.padtype_to_pads((n, n), ((k - 1) * d + 1,) * 2, (s, s), "SAME")
     x, w = normal(1, 4, 6, 2), normal(3, 2, 2, 3)  # stride 2 on even sizes: asymmetric padding
     y = ops.conv2d(x, w, stride=2, padding="SAME", precision=HIGHEST)
-    expected = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    expected = lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST
+    )
     chex.assert_shape(y, (1, 2, 3, 3))
     assert_close(y, expected)
 
@@ -335,7 +357,9 @@ def test_ceil_mode_windows_follow_pytorch():
                     floor = pytorch_windows(n, k, s, p, False)
                     ceil = pytorch_windows(n, k, s, p, True)
                     assert ops.pool_output_shape((n, 1), (k, 1), stride=(s, 1), padding=(p, 0))[0] == floor
-                    assert ops.pool_output_shape((n, 1), (k, 1), stride=(s, 1), padding=(p, 0), ceil_mode=True)[0] == ceil
+                    assert (
+                        ops.pool_output_shape((n, 1), (k, 1), stride=(s, 1), padding=(p, 0), ceil_mode=True)[0] == ceil
+                    )
                     added += ceil > floor
                     dropped += ceil == floor and -(-(n + 2 * p - k) // s) > (n + 2 * p - k) // s
     assert added and dropped
@@ -343,6 +367,7 @@ def test_ceil_mode_windows_follow_pytorch():
 
 # --------------------------------------------------------------------------
 # Identities from the chapters.
+
 
 class IdentityTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
@@ -358,7 +383,9 @@ class IdentityTest(chex.TestCase):
         x, k = normal(5, 6), normal(3, 2)
         assert_close(self.variant(ops.convolve2d)(x, k), ops.corr2d(x, k[::-1, ::-1]))
         for mode in ("valid", "full", "same"):  # and agrees with scipy, even kernel included
-            assert_close(self.variant(functools.partial(ops.convolve2d, mode=mode))(x, k), scipy.signal.convolve2d(x, k, mode))
+            assert_close(
+                self.variant(functools.partial(ops.convolve2d, mode=mode))(x, k), scipy.signal.convolve2d(x, k, mode)
+            )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_full_convolution_commutes(self):
@@ -388,7 +415,9 @@ class IdentityTest(chex.TestCase):
         kwargs = dict(window=3, stride=2, padding=1, ceil_mode=True)  # partial windows included
         mx = ops.max_pool2d(x, **kwargs)
         avg = ops.avg_pool2d(x, count_include_pad=False, **kwargs)
-        soft = {t: self.variant(functools.partial(ops.soft_pool2d, temperature=t, **kwargs))(x) for t in (0.01, 1.0, 100.0)}
+        soft = {
+            t: self.variant(functools.partial(ops.soft_pool2d, temperature=t, **kwargs))(x) for t in (0.01, 1.0, 100.0)
+        }
         for y in soft.values():
             assert np.all(avg - ATOL <= y) and np.all(y <= mx + ATOL)
         # Log-mean-exp grows as T falls (a power mean), with exact bounds at the ends:
@@ -420,7 +449,9 @@ class GradientTest(chex.TestCase):
         # Distinct values 0.1 apart: no ties for max/min for the finite differences to straddle.
         x = np.random.default_rng(2).permutation(50).reshape(1, 5, 5, 2) / 10.0
         for kind in POOLS:
-            pool = self.variant(functools.partial(getattr(ops, f"{kind}_pool2d"), window=3, stride=2, padding=1, ceil_mode=True))
+            pool = self.variant(
+                functools.partial(getattr(ops, f"{kind}_pool2d"), window=3, stride=2, padding=1, ceil_mode=True)
+            )
             with jax.enable_x64(True):
                 check_grads(pool, (x,), order=1, modes=("fwd", "rev"))
 
@@ -497,14 +528,29 @@ ERRORS = {
     # conv2d
     "conv2d x rank": (lambda: ops.conv2d(x4[0], w4), r"^conv2d: x must have rank 4"),
     "conv2d w rank": (lambda: ops.conv2d(x4, w4[0]), r"^conv2d: w must have rank 4"),
-    "conv2d channels": (lambda: ops.conv2d(x4, w4[:, :, :1]), r"^conv2d: w expects 1 x groups=1 = 1 input channels but x has 2"),
-    "conv2d groups C": (lambda: ops.conv2d(np.zeros((1, 4, 4, 3)), np.zeros((3, 3, 1, 4)), groups=2), r"^conv2d: input channels 3 .* groups=2"),
-    "conv2d groups O": (lambda: ops.conv2d(x4, np.zeros((3, 3, 1, 3)), groups=2), r"^conv2d: .*output channels 3 .* groups=2"),
+    "conv2d channels": (
+        lambda: ops.conv2d(x4, w4[:, :, :1]),
+        r"^conv2d: w expects 1 x groups=1 = 1 input channels but x has 2",
+    ),
+    "conv2d groups C": (
+        lambda: ops.conv2d(np.zeros((1, 4, 4, 3)), np.zeros((3, 3, 1, 4)), groups=2),
+        r"^conv2d: input channels 3 .* groups=2",
+    ),
+    "conv2d groups O": (
+        lambda: ops.conv2d(x4, np.zeros((3, 3, 1, 3)), groups=2),
+        r"^conv2d: .*output channels 3 .* groups=2",
+    ),
     "conv2d groups 0": (lambda: ops.conv2d(x4, w4, groups=0), r"^conv2d: groups must be a positive int"),
     "conv2d groups float": (lambda: ops.conv2d(x4, w4, groups=1.0), r"^conv2d: groups must be a positive int"),
     "conv2d bias": (lambda: ops.conv2d(x4, w4, np.zeros(2)), r"^conv2d: b must have shape \(4,\)"),
-    "conv2d kernel too big": (lambda: ops.conv2d(x4, np.zeros((5, 3, 2, 4))), r"^conv2d: kernel .* spans 5 along H .* only 4"),
-    "conv2d dilated too big": (lambda: ops.conv2d(x4, w4, dilation=(1, 2), padding=(0, 0)), r"^conv2d: .*spans 5 along W"),
+    "conv2d kernel too big": (
+        lambda: ops.conv2d(x4, np.zeros((5, 3, 2, 4))),
+        r"^conv2d: kernel .* spans 5 along H .* only 4",
+    ),
+    "conv2d dilated too big": (
+        lambda: ops.conv2d(x4, w4, dilation=(1, 2), padding=(0, 0)),
+        r"^conv2d: .*spans 5 along W",
+    ),
     "conv2d stride 0": (lambda: ops.conv2d(x4, w4, stride=0), r"^conv2d: stride must be >= 1"),
     "conv2d stride triple": (lambda: ops.conv2d(x4, w4, stride=(1, 2, 3)), r"^conv2d: stride must be an int or a pair"),
     "conv2d stride bool": (lambda: ops.conv2d(x4, w4, stride=True), r"^conv2d: stride must be an int or a pair"),
@@ -517,35 +563,86 @@ ERRORS = {
     "conv2d layout": (lambda: ops.conv2d(x4, w4, layout="HWCN"), r"^conv2d: layout must be one of"),
     # the shape formulas
     "conv_output_shape input": (lambda: ops.conv_output_shape(0, 3), r"^conv_output_shape: input_hw must be >= 1"),
-    "conv_output_shape kernel": (lambda: ops.conv_output_shape(8, (3, 0)), r"^conv_output_shape: kernel_hw must be >= 1"),
-    "conv_output_shape stride": (lambda: ops.conv_output_shape(8, 3, stride=0), r"^conv_output_shape: stride must be >= 1"),
-    "conv_output_shape dilation": (lambda: ops.conv_output_shape(8, 3, dilation=0), r"^conv_output_shape: dilation must be >= 1"),
-    "conv_output_shape padding": (lambda: ops.conv_output_shape(8, 3, padding="full"), r"^conv_output_shape: padding must be"),
+    "conv_output_shape kernel": (
+        lambda: ops.conv_output_shape(8, (3, 0)),
+        r"^conv_output_shape: kernel_hw must be >= 1",
+    ),
+    "conv_output_shape stride": (
+        lambda: ops.conv_output_shape(8, 3, stride=0),
+        r"^conv_output_shape: stride must be >= 1",
+    ),
+    "conv_output_shape dilation": (
+        lambda: ops.conv_output_shape(8, 3, dilation=0),
+        r"^conv_output_shape: dilation must be >= 1",
+    ),
+    "conv_output_shape padding": (
+        lambda: ops.conv_output_shape(8, 3, padding="full"),
+        r"^conv_output_shape: padding must be",
+    ),
     "conv_output_shape fits": (lambda: ops.conv_output_shape(2, 3, padding=0), r"^conv_output_shape: kernel spans 3"),
     "pool_output_shape input": (lambda: ops.pool_output_shape((4, 0), 2), r"^pool_output_shape: input_hw must be >= 1"),
     "pool_output_shape window": (lambda: ops.pool_output_shape(4, 0), r"^pool_output_shape: window must be >= 1"),
-    "pool_output_shape padding": (lambda: ops.pool_output_shape(4, 2, padding=2), r"^pool_output_shape: padding 2 along H must be at most half"),
+    "pool_output_shape padding": (
+        lambda: ops.pool_output_shape(4, 2, padding=2),
+        r"^pool_output_shape: padding 2 along H must be at most half",
+    ),
     "pool_output_shape fits": (lambda: ops.pool_output_shape(4, 5), r"^pool_output_shape: window spans 5"),
     # the chapters' ops
     "corr2d x rank": (lambda: ops.corr2d(img3, K), r"^corr2d: x must have rank 2"),
     "corr2d k rank": (lambda: ops.corr2d(img, K2), r"^corr2d: k must have rank 2"),
-    "corr2d too big": (lambda: ops.corr2d(X, np.zeros((4, 1))), r"^corr2d: kernel \(4, 1\) is larger than the input \(3, 3\)"),
+    "corr2d too big": (
+        lambda: ops.corr2d(X, np.zeros((4, 1))),
+        r"^corr2d: kernel \(4, 1\) is larger than the input \(3, 3\)",
+    ),
     "convolve2d x rank": (lambda: ops.convolve2d(img3, K), r"^convolve2d: x must have rank 2"),
     "convolve2d k rank": (lambda: ops.convolve2d(img, K2), r"^convolve2d: k must have rank 2"),
-    "convolve2d mode": (lambda: ops.convolve2d(img, K, "circular"), r"^convolve2d: mode must be 'valid', 'full' or 'same'"),
+    "convolve2d mode": (
+        lambda: ops.convolve2d(img, K, "circular"),
+        r"^convolve2d: mode must be 'valid', 'full' or 'same'",
+    ),
     "convolve2d too big": (lambda: ops.convolve2d(X, np.zeros((1, 4))), r"^convolve2d: kernel \(1, 4\) is larger"),
     "corr2d_multi_in x rank": (lambda: ops.corr2d_multi_in(img, K2), r"^corr2d_multi_in: x must have rank 3"),
     "corr2d_multi_in k rank": (lambda: ops.corr2d_multi_in(img3, K), r"^corr2d_multi_in: k must have rank 3"),
-    "corr2d_multi_in channels": (lambda: ops.corr2d_multi_in(img3, K2[:1]), r"^corr2d_multi_in: x has 2 channels but k has 1"),
-    "corr2d_multi_in too big": (lambda: ops.corr2d_multi_in(X2, np.zeros((2, 4, 4))), r"^corr2d_multi_in: kernel .* larger"),
-    "corr2d_multi_in_out x rank": (lambda: ops.corr2d_multi_in_out(img, K2[None]), r"^corr2d_multi_in_out: x must have rank 3"),
-    "corr2d_multi_in_out k rank": (lambda: ops.corr2d_multi_in_out(img3, K2), r"^corr2d_multi_in_out: k must have rank 4"),
-    "corr2d_multi_in_out channels": (lambda: ops.corr2d_multi_in_out(img3, np.zeros((3, 1, 2, 2))), r"^corr2d_multi_in_out: x has 2 channels but k expects 1"),
-    "corr2d_multi_in_out too big": (lambda: ops.corr2d_multi_in_out(X2, np.zeros((1, 2, 1, 4))), r"^corr2d_multi_in_out: kernel .* larger"),
-    "1x1 x rank": (lambda: ops.corr2d_multi_in_out_1x1(img, np.zeros((1, 4, 1, 1))), r"^corr2d_multi_in_out_1x1: x must have rank 3"),
-    "1x1 k rank": (lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 2, 1))), r"^corr2d_multi_in_out_1x1: k must have rank 4"),
-    "1x1 kernel": (lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 2, 2, 2))), r"^corr2d_multi_in_out_1x1: k must be a 1x1 kernel"),
-    "1x1 channels": (lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 3, 1, 1))), r"^corr2d_multi_in_out_1x1: x has 2 channels but k expects 3"),
+    "corr2d_multi_in channels": (
+        lambda: ops.corr2d_multi_in(img3, K2[:1]),
+        r"^corr2d_multi_in: x has 2 channels but k has 1",
+    ),
+    "corr2d_multi_in too big": (
+        lambda: ops.corr2d_multi_in(X2, np.zeros((2, 4, 4))),
+        r"^corr2d_multi_in: kernel .* larger",
+    ),
+    "corr2d_multi_in_out x rank": (
+        lambda: ops.corr2d_multi_in_out(img, K2[None]),
+        r"^corr2d_multi_in_out: x must have rank 3",
+    ),
+    "corr2d_multi_in_out k rank": (
+        lambda: ops.corr2d_multi_in_out(img3, K2),
+        r"^corr2d_multi_in_out: k must have rank 4",
+    ),
+    "corr2d_multi_in_out channels": (
+        lambda: ops.corr2d_multi_in_out(img3, np.zeros((3, 1, 2, 2))),
+        r"^corr2d_multi_in_out: x has 2 channels but k expects 1",
+    ),
+    "corr2d_multi_in_out too big": (
+        lambda: ops.corr2d_multi_in_out(X2, np.zeros((1, 2, 1, 4))),
+        r"^corr2d_multi_in_out: kernel .* larger",
+    ),
+    "1x1 x rank": (
+        lambda: ops.corr2d_multi_in_out_1x1(img, np.zeros((1, 4, 1, 1))),
+        r"^corr2d_multi_in_out_1x1: x must have rank 3",
+    ),
+    "1x1 k rank": (
+        lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 2, 1))),
+        r"^corr2d_multi_in_out_1x1: k must have rank 4",
+    ),
+    "1x1 kernel": (
+        lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 2, 2, 2))),
+        r"^corr2d_multi_in_out_1x1: k must be a 1x1 kernel",
+    ),
+    "1x1 channels": (
+        lambda: ops.corr2d_multi_in_out_1x1(img3, np.zeros((1, 3, 1, 1))),
+        r"^corr2d_multi_in_out_1x1: x has 2 channels but k expects 3",
+    ),
     "pool2d rank": (lambda: ops.pool2d(img3, 2), r"^pool2d: x must have rank 2"),
     "pool2d mode": (lambda: ops.pool2d(img, 2, "median"), r"^pool2d: mode must be one of"),
     "pool2d size": (lambda: ops.pool2d(img, (2, 0)), r"^pool2d: pool_size must be >= 1"),
@@ -560,12 +657,24 @@ for _name in ("max_pool2d", "avg_pool2d", "soft_pool2d"):
         f"{_name} window form": (lambda p=_pool: p(x4, [2.0, 2.0]), rf"^{_name}: window must be an int or a pair"),
         f"{_name} stride 0": (lambda p=_pool: p(x4, 2, stride=0), rf"^{_name}: stride must be >= 1"),
         f"{_name} padding -1": (lambda p=_pool: p(x4, 2, padding=-1), rf"^{_name}: padding must be >= 0"),
-        f"{_name} padding string": (lambda p=_pool: p(x4, 2, padding="SAME"), rf"^{_name}: padding must be an int or a pair"),
-        f"{_name} padding > half": (lambda p=_pool: p(x4, (3, 2), padding=(1, 2)), rf"^{_name}: padding 2 along W must be at most half the window \(2\)"),
-        f"{_name} too big": (lambda p=_pool: p(x4, 5), rf"^{_name}: window spans 5 along H but the padded input has only 4"),
+        f"{_name} padding string": (
+            lambda p=_pool: p(x4, 2, padding="SAME"),
+            rf"^{_name}: padding must be an int or a pair",
+        ),
+        f"{_name} padding > half": (
+            lambda p=_pool: p(x4, (3, 2), padding=(1, 2)),
+            rf"^{_name}: padding 2 along W must be at most half the window \(2\)",
+        ),
+        f"{_name} too big": (
+            lambda p=_pool: p(x4, 5),
+            rf"^{_name}: window spans 5 along H but the padded input has only 4",
+        ),
     }
 ERRORS |= {
-    f"soft_pool2d temperature {t}": (lambda t=t: ops.soft_pool2d(x4, 2, temperature=t), r"^soft_pool2d: temperature must be > 0")
+    f"soft_pool2d temperature {t}": (
+        lambda t=t: ops.soft_pool2d(x4, 2, temperature=t),
+        r"^soft_pool2d: temperature must be > 0",
+    )
     for t in (0.0, -1.0, float("nan"))
 }
 
