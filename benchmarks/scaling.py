@@ -51,7 +51,11 @@ def parse_model(spec: str) -> tuple[str, int]:
     name, _, size = spec.partition("@")
     if name not in models.names():
         raise ValueError(f"scaling.py: unknown model {name!r} in --models; choose from {models.names()}")
-    return name, int(size) if size else models.default_image_size(name)
+    if not size:
+        return name, models.default_image_size(name)
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"scaling.py: image size in --models {spec!r} must be a positive integer")
+    return name, int(size)
 
 
 def setup(name: str, image_size: int, mesh):
@@ -59,9 +63,11 @@ def setup(name: str, image_size: int, mesh):
     model = models.create(name, image_size=image_size)
     train_def, _, params, batch_stats = train.split_model(model)
     tx = train.make_optimizer("sgd", 0.01, total_steps=1000)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(train.create_train_state(params, batch_stats, tx, seed=0), replicated)
-    totals = jax.device_put(train.zero_totals(), replicated)
+    # As the runner places them: a jitted identity, which also copies, so the
+    # step's donation leaves the model's own arrays alive.
+    replicate = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+    state = replicate(train.create_train_state(params, batch_stats, tx, seed=0))
+    totals = replicate(train.zero_totals())
     return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals
 
 

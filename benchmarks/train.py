@@ -51,7 +51,7 @@ from jaxcnn import data, models, train
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = "lenet,resnet18@96,resnet18@32,vgg11@224"
 # Steps per timed chunk, so a chunk takes seconds, not minutes, on 2 CPU cores.
-DEFAULT_STEPS = {"lenet": 100, "resnet18@32": 10, "resnet18@96": 3, "vgg11@224": 2}
+DEFAULT_STEPS = {"lenet@28": 100, "resnet18@32": 10, "resnet18@96": 3, "vgg11@224": 2}
 RUNNER_SETTINGS = {
     "chapter": [],  # sigmoid, average pooling, SGD lr 0.1
     "quick_start": ["--activation", "relu", "--pooling", "max", "--optimizer", "adam", "--lr", "0.003",
@@ -92,7 +92,11 @@ def parse_model(spec: str) -> tuple[str, int]:
     name, _, size = spec.partition("@")
     if name not in models.names():
         raise ValueError(f"train.py: unknown model {name!r} in --models; choose from {models.names()}")
-    return name, int(size) if size else models.default_image_size(name)
+    if not size:
+        return name, models.default_image_size(name)
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"train.py: image size in --models {spec!r} must be a positive integer")
+    return name, int(size)
 
 
 def setup(name: str, image_size: int, batch_size: int, mesh, **options):
@@ -100,9 +104,11 @@ def setup(name: str, image_size: int, batch_size: int, mesh, **options):
     model = models.create(name, image_size=image_size, **options)
     train_def, _, params, batch_stats = train.split_model(model)
     tx = train.make_optimizer("sgd", 0.01, total_steps=1000)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(train.create_train_state(params, batch_stats, tx, seed=0), replicated)
-    totals = jax.device_put(train.zero_totals(), replicated)
+    # As the runner places them: a jitted identity, which also copies, so the
+    # step's donation leaves the model's own arrays alive.
+    replicate = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+    state = replicate(train.create_train_state(params, batch_stats, tx, seed=0))
+    totals = replicate(train.zero_totals())
     return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals, tx, model
 
 
@@ -205,18 +211,19 @@ def lenet_breakdown(batch_size: int, repeats: int, split: data.Split) -> dict:
         "forward_backward_ms": median_ms(grad, state.params, x, repeats=repeats),
         "optimizer_update_ms": median_ms(update, grads, state.opt_state, state.params, repeats=repeats),
     }
-    cost = step.lower(state, totals, images, labels).compile().cost_analysis()
+    compiled = step.lower(state, totals, images, labels).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict in older jax
     # The step donates its state: thread it through, one sync per step like the pieces.
-    state, totals, _ = timed_chunks(step, state, totals, itertools.repeat((images, labels)), 1, 1)
-    state, totals, seconds = timed_chunks(step, state, totals, itertools.repeat((images, labels)), 1, repeats)
+    batches = itertools.repeat((images, labels))
+    state, totals, _ = timed_chunks(compiled, state, totals, batches, 1, 1)
+    state, totals, seconds = timed_chunks(compiled, state, totals, batches, 1, repeats)
     whole_ms = 1e3 * statistics.median(seconds)
     # Each layer alone at its input shape: forward, and forward + the backward
     # training needs (to the parameters; to the input too, except for the first layer).
     layers = {}
     h = x
-    # A fresh model: the step donated the arrays `model` shares with the state.
-    for i, layer in enumerate(models.create("lenet").net.layers):
+    for i, layer in enumerate(model.net.layers):
         if isinstance(layer, nnx.Module):
             graphdef, layer_state = nnx.split(layer)
             apply = lambda s, h, graphdef=graphdef: nnx.merge(graphdef, s)(h)
@@ -282,10 +289,11 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true", help="skip the LeNet step breakdown")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     args = parser.parse_args()
-    runner_extra = []
-    if args.quick:
+    runner_extra, settings = [], list(RUNNER_SETTINGS)
+    if args.quick:  # one runner run is enough to show the subprocess and its metrics work
         args.models, args.batch_size, args.steps, args.repeats, args.runner_epochs = "lenet", 32, 2, 1, 1
         runner_extra = ["--train-examples", "256", "--test-examples", "64", "--batch-size", "32"]
+        settings = ["quick_start"]
     if args.batch_size < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.runner_epochs < 0:
         parser.error("--batch-size, --steps and --repeats must be positive, --runner-epochs >= 0")
     try:
@@ -297,24 +305,34 @@ def main() -> None:
     split = data.load(data.BUNDLED).train
     results = {"benchmark": "train", "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
                "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(), "jax": jax.__version__,
-               "batch_size": args.batch_size, "data": "uint8 28x28x1 MNIST digits, resized inside the step"}
-    results["models"] = {}
+               "batch_size": args.batch_size, "data": "uint8 28x28x1 MNIST digits, resized inside the step",
+               "models": {}, "benchmark_seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(section):  # how long each part of this script took: it is slow on 2 cores
+        nonlocal clock
+        results["benchmark_seconds"][section] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     for spec in specs:
-        name, size = parse_model(spec)
-        steps = args.steps or DEFAULT_STEPS.get(f"{name}@{size}" if name != "lenet" else name, 3)
-        results["models"][f"{name}@{size}"] = bench_model(spec, args.batch_size, steps, args.repeats, split)
-    if "lenet" in [parse_model(s)[0] for s in specs]:
-        lenet = results["models"]["lenet@28"]
+        key = "{}@{}".format(*parse_model(spec))
+        steps = args.steps or DEFAULT_STEPS.get(key, 2)
+        results["models"][key] = bench_model(spec, args.batch_size, steps, args.repeats, split)
+        lap(key)
+    if "lenet@28" in results["models"] and args.batch_size == 128:
+        images_per_s = results["models"]["lenet@28"]["synthetic_images_per_s"]
         results["lenet_vs_torch"] = {
             "torch_images_per_s": TORCH_LENET_IMAGES_PER_S,
-            "jax_synthetic_images_per_s": lenet["synthetic_images_per_s"],
-            "ratio_to_torch": [round(lenet["synthetic_images_per_s"] / t, 2) for t in TORCH_LENET_IMAGES_PER_S],
-            "note": "torch figures are the issue's (torch 2.13 CPU, batch 128), not measured in this run",
+            "jax_synthetic_images_per_s": images_per_s,
+            "ratio_to_torch": [round(images_per_s / t, 2) for t in TORCH_LENET_IMAGES_PER_S],
+            "note": "torch figures are the issue's (torch 2.13 CPU, batch 128, this machine), not measured in this run",
         }
     if not args.no_breakdown:
-        results["lenet_breakdown"] = lenet_breakdown(args.batch_size, max(args.repeats, 5 if not args.quick else 1), split)
-    if args.runner_epochs:
-        results["runner"] = {s: runner_run(s, args.runner_epochs, runner_extra) for s in RUNNER_SETTINGS}
+        results["lenet_breakdown"] = lenet_breakdown(args.batch_size, 1 if args.quick else max(args.repeats, 5), split)
+        lap("lenet_breakdown")
+    for setting in settings if args.runner_epochs else []:
+        results.setdefault("runner", {})[setting] = runner_run(setting, args.runner_epochs, runner_extra)
+        lap(f"runner_{setting}")
     results["load_average_after"] = os.getloadavg()
     print(json.dumps(results))
 

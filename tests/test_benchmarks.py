@@ -1,0 +1,55 @@
+"""The training benchmarks run end to end on tiny settings (--quick) and print sane JSON. Nothing is timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str) -> dict:
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, f"want one JSON line, got {len(lines)}:\n{done.stdout[-2000:]}"
+    return json.loads(lines[0])
+
+
+def test_train_benchmark_quick():
+    out = run_benchmark("train.py")
+    lenet = out["models"]["lenet@28"]
+    assert lenet["params"] == 61706  # the chapter's LeNet-5
+    assert lenet["synthetic_images_per_s"] > 0 and lenet["pipeline_images_per_s"] > 0
+    assert lenet["compile_s"]["xla_compile_s"] > 0  # the first step's compile was seen
+    assert lenet["recompiles_after_first_step"] == 0 and lenet["other_compiles_in_loop"] == []
+    breakdown = out["lenet_breakdown"]
+    assert len(breakdown["layers"]) == 12
+    assert 0 < breakdown["forward_loss_ms"] and 0 < breakdown["xla_step_gflop"]
+    run = out["runner"]["quick_start"]
+    assert run["epochs"] == 1 and 0 <= run["final_test_accuracy"] <= 1 and run["wall_s"] > 0
+    assert "--optimizer adam" in run["command"]
+
+
+def test_scaling_benchmark_quick():
+    out = run_benchmark("scaling.py")
+    lenet = out["scaling"]["lenet@28"]
+    assert set(lenet) == {"1", "2"} and all(r["images_per_s"] > 0 for r in lenet.values())
+    assert out["fake_cpu_devices"] == (out["backend"] == "cpu") and out["note"]
+    cost = out["checkpoint"]["lenet@28"]
+    assert cost["on_disk_mbytes"] > 0.2  # 61,706 float32 parameters are 0.25 MB
+    assert 0 < cost["save_blocking_s"] and 0 < cost["save_percent_of_epoch"]
+
+
+@pytest.mark.parametrize("script, flags", [("train.py", ["--models", "lenet,nosuch"]),
+                                           ("train.py", ["--models", "lenet@x"]),
+                                           ("scaling.py", ["--devices", "3", "--batch-size", "16"])])
+def test_bad_flags_fail_cleanly(script, flags):
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
