@@ -275,7 +275,8 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             step = epoch * steps_per_epoch + batch_index + 1
             done_in_epoch = batch_index + 1
             mid_epoch = done_in_epoch < steps_per_epoch
-            save_now = mid_epoch and bool(stop.signal or (args.checkpoint_every and step % args.checkpoint_every == 0))
+            stopping = stop.signal  # read once: a signal may land at any line
+            save_now = mid_epoch and bool(stopping or (args.checkpoint_every and step % args.checkpoint_every == 0))
             if save_now or done_in_epoch % args.log_every == 0:
                 # One host sync per log interval: progress, and the divergence guard before any save.
                 summary = train.summarize(totals)
@@ -283,9 +284,9 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
                 log.update(epoch, done_in_epoch, summary, images_seen / (time.perf_counter() - epoch_start))
             if save_now:
                 checkpoint.save(mngr, step, state, totals, {"epoch": epoch, "batch": done_in_epoch})
-            if stop.signal and mid_epoch:
+            if stopping and mid_epoch:
                 mngr.wait_until_finished()
-                return _stopped(stop.signal, f"at step {step}", parser)
+                return _stopped(stopping, f"at step {step}", parser)
         start_batch = 0
         train_seconds = time.perf_counter() - epoch_start
         train_summary = train.summarize(totals)
