@@ -107,6 +107,7 @@ def main() -> None:
                 "dtype": args.dtype,
                 "input": "NHWC, 1 channel, 10 classes, random",
                 "load_average_1m": round(os.getloadavg()[0], 2),
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("JAXCNN_", "XLA_"))},
                 "models": results,
             }
         )
