@@ -20,6 +20,7 @@ from jaxcnn.models.vgg import VGG, VGG11_ARCH, vgg_block
 
 __all__ = [
     "create",
+    "options",
     "names",
     "default_image_size",
     "LeNet",
