@@ -1,6 +1,13 @@
-"""jaxcnn: convolutional networks in JAX and Flax NNX, following the CNN chapters."""
+"""jaxcnn: convolutional networks in JAX and Flax NNX, following the CNN chapters.
 
-from jaxcnn import ops, reference
+    jaxcnn.ops         convolution and pooling as pure functions (jaxcnn.reference: their naive twins)
+    jaxcnn.models      LeNet, VGG, ResNet, ResNeXt: create(name, ...), names()
+    jaxcnn.summary     the layer-by-layer table of a model, as the notes' layer_summary
+    jaxcnn.train       the train state and the jitted train/eval steps
+"""
+
+from jaxcnn import layers, models, ops, reference
+from jaxcnn.summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference"]
+__all__ = ["layers", "models", "ops", "reference", "summary"]
