@@ -1,8 +1,11 @@
 """The convolution chapters' exercises as code: what a convolution costs, and
-how convolution and pooling rewrite into one another.
+how convolution and pooling rewrite into one another; receptive fields and
+costs of the registered models.
 
 `conv_cost` counts arithmetic and memory from a plain per-layer spec (ints),
-so a model's cost is a sum over its layers. `compose_kernels`, `im2col` /
+so a model's cost is a sum over its layers (`model_cost`).
+`receptive_fields` walks a model's layers; `gradient_support` asks JAX which
+input pixels an output element depends on, to check it. `compose_kernels`, `im2col` /
 `conv2d_im2col` and `avg_pool_as_conv` are exact rewrites, tested against
 `jaxcnn.ops`; `max_pool_as_limit` shows max pooling is not a convolution but
 the limit of one sandwiched between two pointwise powers.
@@ -10,12 +13,17 @@ the limit of one sandwiched between two pointwise powers.
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
-from jaxcnn import ops
+from jaxcnn import layers, models, ops
 
 __all__ = [
     "conv_cost",
@@ -24,6 +32,10 @@ __all__ = [
     "conv2d_im2col",
     "avg_pool_as_conv",
     "max_pool_as_limit",
+    "Field",
+    "receptive_fields",
+    "gradient_support",
+    "model_cost",
 ]
 
 F32_BYTES = 4
@@ -280,3 +292,364 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
     scale = jnp.where(scale > 0, scale, 1.0)
     mean = avg_pool_as_conv((x / scale) ** p, window, stride=stride, padding=padding)
     return mean ** (1.0 / p) * scale
+
+
+# --------------------------------------------------------------------------
+# Models: receptive fields and cost.
+
+# Residual blocks as (main path, shortcut), attributes in call order; the batch
+# norms and ReLUs between them are pointwise. A shortcut attribute that is None
+# is the identity.
+_BLOCKS = {
+    models.Residual: (("conv1", "conv2"), ("conv3",)),
+    models.ResNeXtBlock: (("conv1", "conv2", "conv3"), ("conv4",)),
+}
+# Modules that keep every output's field (per element, or per channel at one position).
+_POINTWISE = (nnx.BatchNorm, nnx.Dropout)
+
+
+class Field(NamedTuple):
+    """The receptive field of one layer's outputs, per axis (H, W), in input pixels.
+
+    Output (i, j) depends on the input rows from start[0] + i * jump[0] to
+    that plus size[0] - 1, and the columns likewise (`box`); rows before 0 or
+    past the input's end are padding. out_hw: the layer's output size, None
+    when the input size is unknown.
+    """
+
+    name: str
+    layer: str
+    size: tuple[int, int]
+    jump: tuple[int, int]
+    start: tuple[int, int]
+    out_hw: tuple[int, int] | None
+
+    def box(self, index) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((row_lo, row_hi), (col_lo, col_hi)), half open and not clipped, of output element index = (i, j)."""
+        return tuple((a + i * j, a + i * j + r) for a, i, j, r in zip(self.start, index, self.jump, self.size))
+
+
+def _net(fn: str, model) -> nnx.Sequential:
+    net = getattr(model, "net", model)
+    if not isinstance(net, nnx.Sequential):
+        _fail(fn, f"model must be an nnx.Sequential or have one as .net, got {type(model).__name__}")
+    return net
+
+
+def _join(name: str, key) -> str:
+    return f"{name}.{key}" if name else str(key)
+
+
+def _name(path) -> str:
+    """A layer's name from its graph path: net.layers[1].layers[0].conv1 -> "1.0.conv1", as `receptive_fields` names it."""
+    return ".".join(str(k) for k in path if k not in ("net", "layers"))
+
+
+def _geometry(fn: str, layer, hw):
+    """(kernel span, stride, top/left padding, output size or None) of a conv or pooling layer on an hw input."""
+    if isinstance(layer, layers.Conv2D):
+        kernel, stride, dilation = layer.kernel.shape[:2], layer.stride, layer.dilation
+        if hw is None and isinstance(layer.padding, str):
+            _fail(fn, f"padding {layer.padding!r} depends on the input size: pass input_hw")
+        pads = ops.as_padding(fn, layer.padding, hw, kernel, stride, dilation)
+        out = hw and ops.conv_output_shape(hw, kernel, stride=stride, padding=pads, dilation=dilation)
+        return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation)), stride, tuple(lo for lo, _ in pads), out
+    if isinstance(layer, (layers.MaxPool2D, layers.AvgPool2D)):
+        out = hw and ops.pool_output_shape(
+            hw, layer.window, stride=layer.stride, padding=layer.padding, ceil_mode=layer.ceil_mode
+        )
+        return layer.window, layer.stride, layer.padding, out
+    if isinstance(layer, layers.GlobalAvgPool2D):
+        if hw is None:
+            _fail(fn, "GlobalAvgPool2D's window is its whole input: pass input_hw")
+        return hw, (1, 1), (0, 0), (1, 1)
+    _fail(fn, f"no receptive-field rule for layer {type(layer).__name__}")
+
+
+def _step(fn: str, name: str, layer, f: Field) -> Field:
+    span, stride, pad, out = _geometry(fn, layer, f.out_hw)
+    return Field(
+        name,
+        type(layer).__name__,
+        size=tuple(r + (k - 1) * j for r, k, j in zip(f.size, span, f.jump)),
+        jump=tuple(j * s for j, s in zip(f.jump, stride)),
+        start=tuple(a - p * j for a, p, j in zip(f.start, pad, f.jump)),
+        out_hw=out,
+    )
+
+
+def _union(fn: str, name: str, layer: str, a: Field, b: Field) -> Field:
+    """The field of a sum of two paths' outputs: the smallest box holding both."""
+    if a.jump != b.jump or a.out_hw != b.out_hw:
+        _fail(fn, f"{name}: its paths end at different strides or sizes: jump {a.jump} vs {b.jump}")
+    lo = tuple(map(min, a.start, b.start))
+    hi = tuple(max(sa + ra, sb + rb) for sa, ra, sb, rb in zip(a.start, a.size, b.start, b.size))
+    return Field(name, layer, tuple(h - l for l, h in zip(lo, hi)), a.jump, lo, a.out_hw)
+
+
+def _walk(fn: str, module, name: str, f: Field, rows: list) -> Field | None:
+    """The field after `module`, appending a row per conv, pool and residual block; None once flattened."""
+    if isinstance(module, nnx.Sequential):
+        for i, layer in enumerate(module.layers):
+            f = _walk(fn, layer, _join(name, i), f, rows)
+            if f is None:
+                break
+        return f
+    if type(module) in _BLOCKS:
+        ends = []
+        for path in _BLOCKS[type(module)]:
+            end = f
+            for attr in path:
+                if getattr(module, attr) is not None:
+                    end = _walk(fn, getattr(module, attr), _join(name, attr), end, rows)
+            ends.append(end)
+        f = _union(fn, name, type(module).__name__, *ends)
+    elif isinstance(module, (layers.Flatten, nnx.Linear)):
+        return None
+    elif isinstance(module, _POINTWISE) or not isinstance(module, nnx.Module):
+        return f  # activation functions are plain callables
+    else:
+        f = _step(fn, name, module, f)
+    rows.append(f)
+    return f
+
+
+def receptive_fields(model: nnx.Module, input_hw=None) -> list[Field]:
+    """The receptive field of every conv, pool and residual block of a model, in call order.
+
+    Walks `model.net` (nested nnx.Sequentials and residual blocks). A layer
+    with kernel k (dilated span (k - 1) d + 1), stride s and top/left padding
+    p maps the field (size r, jump j, start a) of its input to
+
+        r' = r + (span - 1) j,   j' = j s,   a' = a - p j,
+
+    from (1, 1, 0) at the input pixels. Pooling counts like a convolution:
+    the field holds every pixel that MAY affect an output, and any element of
+    a max-pooling window may be its maximum. Activations, batch norm and
+    dropout keep the field; the walk stops at Flatten (every later unit
+    sees all the pixels of all the positions before it).
+
+    A residual block's output adds its main path and its shortcut, so its
+    field is the box holding both. In ResNet and ResNeXt the shortcut (the
+    identity, or a 1x1 conv with the block's stride) sees exactly the pixels
+    at the centre of the main path's 3x3 windows, so the block's field is the
+    main path's. The main path's rows come first, then the shortcut's, then
+    the block's.
+
+    The field is the box the output's window spans. Every pixel in it
+    matters when no stride exceeds its kernel and no dilation skips pixels,
+    as in the chapters' models (the 1x1 stride-2 shortcut skips pixels, but
+    inside the main path's box); otherwise the box has holes.
+
+    input_hw (default model.image_size, if the model has one) is needed only
+    by global pooling and "SAME" padding, and for the rows' out_hw.
+    """
+    fn = "receptive_fields"
+    net = _net(fn, model)
+    input_hw = getattr(model, "image_size", None) if input_hw is None else input_hw
+    hw = None if input_hw is None else ops.as_pair(fn, "input_hw", input_hw, minimum=1)
+    rows = []
+    _walk(fn, net, "", Field("input", "input", (1, 1), (1, 1), (0, 0), hw), rows)
+    return rows
+
+
+class _Tap(nnx.Module):
+    """Calls `layer`, then `see(x, y)` on its input and output: how the analysis reads inside any model."""
+
+    def __init__(self, layer, see):
+        self.layer, self.see = layer, see
+
+    def __call__(self, x):
+        y = self.layer(x)
+        self.see(x, y)
+        return y
+
+
+def _replace(model: nnx.Module, make) -> None:
+    """Swaps, in place, every submodule m of model for make(name, m) (m itself: keep it).
+
+    nnx.iter_graph lists children before their parents, so a parent's
+    replacement wraps its already replaced children.
+    """
+    for path, node in list(nnx.iter_graph(model)):
+        if not path or not isinstance(node, nnx.Module):
+            continue
+        new = make(_name(path), node)
+        if new is node:
+            continue
+        parent = functools.reduce(lambda o, k: o[k] if isinstance(k, int) else getattr(o, k), path[:-1], model)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+
+
+class _Narrow(nnx.Module):
+    """A conv's one-channel twin: the mean of its input channels, averaged over each window of its geometry.
+
+    lax.conv_general_dilated itself, whatever ops.conv2d lowers to: under a
+    vmap over thousands of pixels XLA's convolution compiles fastest.
+    """
+
+    def __init__(self, conv: layers.Conv2D):
+        self.kernel_hw = tuple(conv.kernel.shape[:2])
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def __call__(self, x):
+        x = jnp.mean(x, axis=-1, keepdims=True)
+        pads = ops.as_padding("gradient_support", self.padding, x.shape[1:3], self.kernel_hw, self.stride, self.dilation)
+        kernel = jnp.full((*self.kernel_hw, 1, 1), 1.0 / math.prod(self.kernel_hw), x.dtype)
+        return lax.conv_general_dilated(
+            x, kernel, self.stride, pads, rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+
+class _Flattened(Exception):
+    pass
+
+
+def _flatten_stops(x):
+    raise _Flattened
+
+
+def gradient_support(model: nnx.Module, input_hw=None) -> dict[str, np.ndarray]:
+    """Which input pixels each output element of each `receptive_fields` row has a non-zero derivative on.
+
+    Returns {Field.name: bool (H_o, W_o, H, W)}: entry (i, j, y, x) says
+    whether output (i, j) of that layer (any channel) changes with input
+    pixel (y, x) (any channel). It checks `receptive_fields`: each (i, j)
+    slice should be `Field.box((i, j))` clipped to the input. Computed in one
+    forward-mode pass per input pixel (jax.jvp, vmapped over one-hot
+    tangents: the columns of the Jacobian), all layers at once.
+
+    A zero derivative must mean "no path", so this runs a twin of the model
+    with no other zeros, wired by the model's own code:
+    - every conv averages: constant kernel 1 / (kh kw), no bias; batch norm
+      is the identity and the twin is in eval mode (dropout off); the input
+      is uniform on [0.5, 1.5]. So every pre-activation is a positive
+      average: ReLU passes derivative 1 (no dead units), sigmoid a positive
+      one, and nothing underflows however deep the model is.
+    - max pooling really does pass the derivative to one element per
+      window, although any of them may be the maximum; the twin averages
+      over the same windows (stride, padding, ceil mode) instead.
+    - with constant kernels every channel of a layer holds the same values,
+      so one stands for all: each conv is narrowed to a single channel
+      (averaging its input's), which makes a pass per pixel cheap.
+    The twin stops at Flatten, where the rows end. input_hw defaults to
+    model.image_size.
+    """
+    fn = "gradient_support"
+    names = [f.name for f in receptive_fields(model, input_hw)]
+    input_hw = getattr(model, "image_size", None) if input_hw is None else input_hw
+    if input_hw is None:
+        _fail(fn, "the model has no image_size: pass input_hw")
+    h, w = ops.as_pair(fn, "input_hw", input_hw, minimum=1)
+
+    seen = {}
+
+    def twin_of(name, m):
+        if isinstance(m, layers.Conv2D):
+            m = _Narrow(m)
+        elif isinstance(m, layers.MaxPool2D):
+            m = layers.AvgPool2D(m.window, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode)
+        elif isinstance(m, nnx.BatchNorm):
+            return lambda x: x
+        elif isinstance(m, layers.Flatten):
+            return _flatten_stops
+        if name in names:
+            m = _Tap(m, lambda x, y: seen.__setitem__(name, y))
+        return m
+
+    twin = nnx.clone(model)
+    twin.eval()
+    _replace(twin, twin_of)
+
+    def outputs(x):
+        seen.clear()
+        try:
+            twin(x)
+        except _Flattened:
+            pass
+        return dict(seen)
+
+    c = getattr(model, "in_channels", 1)  # any count will do: the twin's convs average over channels
+
+    @jax.jit
+    def derivatives(x, pixels):
+        return jax.vmap(lambda t: jax.jvp(outputs, (x,), (jnp.broadcast_to(t, x.shape),))[1])(pixels)
+
+    x = np.random.default_rng(0).uniform(0.5, 1.5, (1, h, w, c)).astype(np.float32)
+    # A one-hot tangent per pixel, built on the host: XLA would constant-fold it slowly.
+    pixels = np.eye(h * w, dtype=np.float32).reshape(h * w, 1, h, w, 1)
+    derivative = derivatives(x, pixels)
+    support = {}
+    for name in names:
+        nonzero = np.asarray((derivative[name][:, 0] != 0).any(axis=-1))  # (H * W, H_o, W_o)
+        support[name] = np.moveaxis(nonzero, 0, -1).reshape(*nonzero.shape[1:], h, w)
+    return support
+
+
+def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
+    """Arithmetic of one forward pass of a model on input_shape (N, H, W, C): rows per conv and dense layer, and totals.
+
+    Each conv row is `conv_cost` times N; a dense layer (fan_in -> out) does
+    fan_in * out multiply-adds per example. Row keys: name (as
+    `receptive_fields` names layers), layer, input_shape, output_shape, macs,
+    macs_unpadded (taps on real input), mul and add (the notes' count: the
+    first product of each sum needs no addition; bias adds included), and
+    flops = 2 macs_unpadded + bias adds, which is what XLA's cost_analysis
+    counts for these ops (for a convolution lowered to
+    lax.conv_general_dilated, which skips the padding; lowered to patches
+    and a matrix product it multiplies the zeros too: 2 macs). The totals
+    sum the numbers.
+
+    XLA's count for the whole compiled forward is a little more: it adds the
+    elementwise and windowed work, about one flop per element per op
+    (ReLU's max, a residual add, batch norm's scale and shift once folded, the
+    final cast) and one per window element per output for pooling. That work
+    grows with the activations, a conv's with activations times its fan-in
+    (hundreds to thousands), so the convolutions dominate.
+    """
+    fn = "model_cost"
+    _net(fn, model)
+    if not (
+        isinstance(input_shape, (tuple, list))
+        and len(input_shape) == 4
+        and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape)
+    ):
+        _fail(fn, f"input_shape must be 4 positive ints (N, H, W, C), got {input_shape!r}")
+    twin = nnx.clone(model)
+    twin.eval()
+    seen = []
+    _replace(
+        twin,
+        lambda n, m: _Tap(m, lambda x, y, n=n, m=m: seen.append((n, m, x.shape, y.shape)))
+        if isinstance(m, (layers.Conv2D, nnx.Linear))
+        else m,
+    )
+    # The state goes in as an argument, so an abstract model (nnx.eval_shape) works too.
+    graphdef, state = nnx.split(twin)
+    x = jax.ShapeDtypeStruct(tuple(int(d) for d in input_shape), jnp.float32)
+    jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+
+    rows = []
+    for name, layer, x_shape, y_shape in seen:
+        if isinstance(layer, layers.Conv2D):
+            n, h, w, c_i = x_shape
+            if layer.dilation != (1, 1):
+                _fail(fn, f"{name}: conv_cost counts undilated convolutions, got dilation {layer.dilation}")
+            c = conv_cost(
+                c_i, h, w, y_shape[-1], *layer.kernel.shape[:2],
+                padding=layer.padding, stride=layer.stride, groups=layer.groups, bias=layer.bias is not None,
+            )  # fmt: skip
+            cost = {"macs": c["macs"], "macs_unpadded": c["macs_unpadded"], **c["forward"]}
+        else:
+            n, fan_in = math.prod(x_shape[:-1]), x_shape[-1]
+            macs = fan_in * layer.out_features
+            cost = {"macs": macs, "macs_unpadded": macs, "mul": macs, "add": macs - layer.out_features}
+            cost["add"] += layer.out_features if layer.bias is not None else 0
+        cost = {k: n * v for k, v in cost.items()}
+        cost["flops"] = 2 * cost["macs_unpadded"] + (math.prod(y_shape) if layer.bias is not None else 0)
+        rows.append({"name": name, "layer": type(layer).__name__, "input_shape": x_shape, "output_shape": y_shape, **cost})
+    keys = ("macs", "macs_unpadded", "mul", "add", "flops")
+    return rows, {k: sum(r[k] for r in rows) for k in keys}
