@@ -341,7 +341,7 @@ def _join(name: str, key) -> str:
 
 
 def _name(path) -> str:
-    """A layer's name from its graph path: net.layers[1].layers[0].conv1 -> "1.0.conv1", as `receptive_fields` names it."""
+    """A layer's name from its graph path, net.layers[1].layers[0].conv1 -> "1.0.conv1"."""
     return ".".join(str(k) for k in path if k not in ("net", "layers"))
 
 
@@ -497,7 +497,9 @@ class _Narrow(nnx.Module):
 
     def __call__(self, x):
         x = jnp.mean(x, axis=-1, keepdims=True)
-        pads = ops.as_padding("gradient_support", self.padding, x.shape[1:3], self.kernel_hw, self.stride, self.dilation)
+        pads = ops.as_padding(
+            "gradient_support", self.padding, x.shape[1:3], self.kernel_hw, self.stride, self.dilation
+        )
         kernel = jnp.full((*self.kernel_hw, 1, 1), 1.0 / math.prod(self.kernel_hw), x.dtype)
         return lax.conv_general_dilated(
             x, kernel, self.stride, pads, rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -590,7 +592,7 @@ def gradient_support(model: nnx.Module, input_hw=None) -> dict[str, np.ndarray]:
 
 
 def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
-    """Arithmetic of one forward pass of a model on input_shape (N, H, W, C): rows per conv and dense layer, and totals.
+    """One forward pass's arithmetic on input_shape (N, H, W, C): a row per conv and dense layer, and totals.
 
     Each conv row is `conv_cost` times N; a dense layer (fan_in -> out) does
     fan_in * out multiply-adds per example. Row keys: name (as
@@ -650,6 +652,7 @@ def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
             cost["add"] += layer.out_features if layer.bias is not None else 0
         cost = {k: n * v for k, v in cost.items()}
         cost["flops"] = 2 * cost["macs_unpadded"] + (math.prod(y_shape) if layer.bias is not None else 0)
-        rows.append({"name": name, "layer": type(layer).__name__, "input_shape": x_shape, "output_shape": y_shape, **cost})
+        layer_type = type(layer).__name__
+        rows.append({"name": name, "layer": layer_type, "input_shape": x_shape, "output_shape": y_shape, **cost})
     keys = ("macs", "macs_unpadded", "mul", "add", "flops")
     return rows, {k: sum(r[k] for r in rows) for k in keys}
