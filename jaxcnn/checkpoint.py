@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.experimental import multihost_utils
 
 
@@ -95,15 +96,13 @@ def save_model(directory: str | Path, params, batch_stats) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(
             Path(directory).absolute(),
-            {"params": params.to_pure_dict(), "batch_stats": batch_stats.to_pure_dict()},
+            {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)},
             force=True,
         )
 
 
 def load_model(workdir: str | Path):
     """Rebuilds the model a runner workdir trained (config.json) and loads its final weights."""
-    from flax import nnx
-
     from jaxcnn import models
 
     workdir = Path(workdir)
@@ -120,7 +119,7 @@ def load_model(workdir: str | Path):
         **config["model_options"],
     )
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    target = {"params": nnx.as_pure(params).to_pure_dict(), "batch_stats": nnx.as_pure(batch_stats).to_pure_dict()}
+    target = {"params": nnx.to_pure_dict(nnx.as_pure(params)), "batch_stats": nnx.to_pure_dict(nnx.as_pure(batch_stats))}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(model_path.absolute(), target)
     nnx.replace_by_pure_dict(params, restored["params"])
