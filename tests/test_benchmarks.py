@@ -28,9 +28,11 @@ def test_train_benchmark_quick():
     assert lenet["synthetic_images_per_s"] > 0 and lenet["pipeline_images_per_s"] > 0
     assert lenet["compile_s"]["xla_compile_s"] > 0  # the first step's compile was seen
     assert lenet["recompiles_after_first_step"] == 0 and lenet["other_compiles_in_loop"] == []
-    breakdown = out["lenet_breakdown"]
-    assert len(breakdown["layers"]) == 12
-    assert 0 < breakdown["forward_loss_ms"] and 0 < breakdown["xla_step_gflop"]
+    breakdown = out["lenet_breakdown"]["quick_start"]
+    assert breakdown["model_options"]["pooling"] == "max"
+    assert [label.split()[1] for label in breakdown["layers"]] == [
+        "Conv2D", "relu", "MaxPool2D", "Conv2D", "relu", "MaxPool2D", "Flatten", "Linear", "relu", "Linear", "relu", "Linear"]
+    assert 0 < breakdown["forward_loss_ms"] and 0 < breakdown["whole_step_ms"] and 0 < breakdown["xla_step_gflop"]
     run = out["runner"]["quick_start"]
     assert run["epochs"] == 1 and 0 <= run["final_test_accuracy"] <= 1 and run["wall_s"] > 0
     assert "--optimizer adam" in run["command"]
