@@ -6,7 +6,9 @@ are the batched ops the models use, with PyTorch's semantics for padding,
 stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 
 Everything lowers to `jax.lax.conv_general_dilated` and
-`jax.lax.reduce_window` with explicit dimension numbers. Every public function
+`jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
+CPU convolution is slow: there `conv2d` is patches and one matrix product
+(`jaxcnn._lowering`; its `lowering=` switch picks). Every public function
 checks its arguments and raises `ValueError` naming the function, the argument
 and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
 `jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
@@ -21,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxcnn import _lowering
 
 Pair = int | tuple[int, int]
 Padding = int | str | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
@@ -227,6 +231,7 @@ def conv2d(
     groups: int = 1,
     layout: str = "NHWC",
     precision=None,
+    lowering: str | None = None,
 ) -> jax.Array:
     """Batched 2-D cross-correlation (what deep learning calls convolution).
 
@@ -234,9 +239,19 @@ def conv2d(
     layout "NCHW": x (N, C, H, W), w (O, C // groups, kh, kw), as torch.nn.functional.conv2d.
     b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
     (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
+
+    lowering: "auto", "xla" or "matmul"; None reads $JAXCNN_CONV_LOWERING
+    when conv2d runs or is traced (a jitted function keeps the lowering it
+    was traced with), default "auto". "xla" is lax.conv_general_dilated.
+    "matmul" is patches @ kernel, one matrix product (`jaxcnn._lowering`).
+    "auto" takes the product on CPU where XLA's convolution is slow (1x1
+    kernels, small maps) and XLA's convolution everywhere else, GPU and TPU
+    included. Grouped convolutions always use XLA's. All give the same
+    values and gradients within float rounding; "xla" measures the gain.
     """
     fn = "conv2d"
     _check_layout(fn, layout)
+    how = _lowering.mode(fn, lowering)
     x, w = _as_float(x), _as_float(w)
     _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
     _check_rank(fn, "w", w, 4, "(kh, kw, C/groups, O)" if layout == "NHWC" else "(O, C/groups, kh, kw)")
@@ -263,17 +278,35 @@ def conv2d(
     pads = as_padding(fn, padding, (h, wd), (kh, kw), stride, dilation)
     _check_fits(fn, f"kernel {(kh, kw)} with dilation {dilation}", (h, wd), pads, (kh, kw), dilation)
 
-    dims = _CONV_DIMS[layout]
-    y = lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=stride,
-        padding=pads,
-        rhs_dilation=dilation,
-        dimension_numbers=dims,
-        feature_group_count=groups,
-        precision=precision,
-    )
+    def xla(x, w):
+        return lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=stride,
+            padding=pads,
+            rhs_dilation=dilation,
+            dimension_numbers=_CONV_DIMS[layout],
+            feature_group_count=groups,
+            precision=precision,
+        )
+
+    def matmul(x, w):
+        if layout == "NCHW":
+            x, w = x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
+        y = _lowering.conv2d_matmul(x, w, stride=stride, padding=pads, dilation=dilation, precision=precision)
+        return y if layout == "NHWC" else y.transpose(0, 3, 1, 2)
+
+    # lax rejects mixed dtypes (TypeError) where jnp.dot would promote: keep
+    # that behaviour independent of the lowering by leaving them to XLA.
+    if how == "xla" or groups != 1 or x.dtype != w.dtype:
+        y = xla(x, w)
+    elif how == "matmul":
+        y = matmul(x, w)
+    elif _lowering.prefers_matmul(c, (kh, kw)):
+        # Resolved when lowered: the product on CPU, XLA's convolution elsewhere.
+        y = lax.platform_dependent(x, w, cpu=matmul, default=xla)
+    else:
+        y = xla(x, w)
     if b is not None:
         y = y + (b if layout == "NHWC" else b[:, None, None])
     return y

@@ -1,0 +1,322 @@
+"""jaxcnn against PyTorch eager on CPU: train steps and every ResNet-18 conv. Prints one JSON object.
+
+    python benchmarks/compare_torch.py [--lowering auto|xla|matmul] [--models lenet,resnet18_32,resnet18_96]
+
+Needs the `bench` extra (pip install torch==2.13.0: the CPU wheel). Both run on
+the same --threads cores (the process is pinned to them; torch.set_num_threads)
+with the same batch, shapes and plain SGD:
+  models  images/s of a whole train step: jaxcnn's registry model and
+          `train.make_train_step` as the runner builds them (uint8 NHWC in),
+          against the chapters' d2l LeNet and ResNet-18 (BatchNorm, NCHW,
+          xavier init) written below in torch (float NCHW in, from uint8).
+  convs   each distinct ResNet-18 conv shape at 32 and 96 px: forward and
+          forward+backward (gradients of x, w and b; none of x for the stem,
+          which sees the data) of `ops.conv2d` and F.conv2d, with GFLOP/s and
+          the fraction of the matrix-product peak (a large jnp.dot) they reach.
+Times are medians over --repeats after warm-up, jaxcnn and torch alternating so
+a busy machine slows both alike. ratio = jaxcnn images/s / torch images/s, and
+torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
+(or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+# name: (jaxcnn registry name, image size)
+MODELS = {"lenet": ("lenet", 28), "resnet18_32": ("resnet18", 32), "resnet18_96": ("resnet18", 96)}
+# ResNet-18's distinct convs at input size s: (name, H = W, C, O, k, stride, padding).
+RESNET18_CONVS = lambda s: [  # noqa: E731
+    ("stem", s, 1, 64, 7, 2, 3),
+    ("stage1_3x3", s // 4, 64, 64, 3, 1, 1),
+    ("stage2_3x3_s2", s // 4, 64, 128, 3, 2, 1),
+    ("stage2_1x1_s2", s // 4, 64, 128, 1, 2, 0),
+    ("stage2_3x3", s // 8, 128, 128, 3, 1, 1),
+    ("stage3_3x3_s2", s // 8, 128, 256, 3, 2, 1),
+    ("stage3_1x1_s2", s // 8, 128, 256, 1, 2, 0),
+    ("stage3_3x3", s // 16, 256, 256, 3, 1, 1),
+    ("stage4_3x3_s2", s // 16, 256, 512, 3, 2, 1),
+    ("stage4_1x1_s2", s // 16, 256, 512, 1, 2, 0),
+    ("stage4_3x3", s // 32, 512, 512, 3, 1, 1),
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}; '' for none")
+    parser.add_argument("--conv-sizes", default="32,96", help="ResNet-18 input sizes whose convs to time; '' for none")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--steps", type=int, default=3, help="train steps per timed repeat")
+    parser.add_argument("--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto")
+    args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
+    if unknown := [m for m in args.models if m not in MODELS]:
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if min(args.batch_size, args.threads, args.repeats, args.steps) < 1:
+        parser.error("--batch-size, --threads, --repeats and --steps must be positive")
+    return args
+
+
+ARGS = parse_args()
+# Before jax and torch start their thread pools: both see only these cores.
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
+if ARGS.lowering:
+    os.environ["JAXCNN_CONV_LOWERING"] = ARGS.lowering
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from jaxcnn import _lowering, models, ops, train  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+
+
+# --------------------------------------------------------------------------
+# The chapters' models in PyTorch, as d2l writes them (7.6 LeNet, 8.6 ResNet).
+
+
+def torch_lenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+class Residual(nn.Module):
+    def __init__(self, in_channels, num_channels, use_1x1conv=False, strides=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, num_channels, kernel_size=3, padding=1, stride=strides)
+        self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(in_channels, num_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+        self.bn1, self.bn2 = nn.BatchNorm2d(num_channels), nn.BatchNorm2d(num_channels)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.conv3 is not None:
+            x = self.conv3(x)
+        return F.relu(y + x)
+
+
+def torch_resnet18() -> nn.Module:
+    layers = [nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(),
+              nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]  # fmt: skip
+    channels = 64
+    for i, (num_residuals, num_channels) in enumerate(((2, 64), (2, 128), (2, 256), (2, 512))):
+        for j in range(num_residuals):
+            first = j == 0 and i > 0
+            layers.append(Residual(channels, num_channels, use_1x1conv=first, strides=2 if first else 1))
+            channels = num_channels
+    layers += [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers)
+
+
+def init_cnn(module):  # d2l's init_cnn
+    if type(module) in (nn.Linear, nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight)
+
+
+# --------------------------------------------------------------------------
+# Timing.
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each zero-argument fn (which must block until done), run round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(0.05)  # let the other library's spinning worker threads go to sleep
+            times[name].append(seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak_gflops(repeats: int, n: int = 2048) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    dot = jax.jit(jnp.dot)
+    t = interleaved_medians({"dot": lambda: dot(a, a).block_until_ready()}, repeats)["dot"]
+    return 2 * n**3 / t / 1e9
+
+
+# --------------------------------------------------------------------------
+# Train steps.
+
+
+def jax_train_step(name: str, size: int, images: np.ndarray, labels: np.ndarray, steps: int):
+    model = models.create(MODELS[name][0], image_size=size)
+    train_def, _, params, batch_stats = train.split_model(model)
+    tx = train.make_optimizer("sgd", 0.01, total_steps=10**6)
+    step = train.make_train_step(train_def, tx, train.data_mesh(), image_size=None)
+    # Placed as the runner places them, so the first step's outputs match its inputs (no second compile).
+    replicated = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec())
+    holder = jax.device_put({"state": train.create_train_state(params, batch_stats, tx, seed=0),
+                             "totals": train.zero_totals()}, replicated)  # fmt: skip
+    images, labels = jax.device_put(images), jax.device_put(labels)
+
+    def run():
+        for _ in range(steps):
+            holder["state"], holder["totals"] = step(holder["state"], holder["totals"], images, labels)
+        jax.block_until_ready(holder["state"])
+
+    return run
+
+
+def torch_train_step(name: str, images: np.ndarray, labels: np.ndarray, steps: int):
+    torch.manual_seed(0)
+    net = torch_lenet() if name == "lenet" else torch_resnet18()
+    net.apply(init_cnn).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # uint8 NCHW
+    labels = torch.from_numpy(labels.astype(np.int64))
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(images.float() / 255), labels)
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def bench_models(args) -> dict:
+    rng = np.random.default_rng(0)
+    results = {}
+    for name in args.models:
+        size = MODELS[name][1]
+        images = rng.integers(0, 256, (args.batch_size, size, size, 1), dtype=np.uint8)
+        labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
+        fns = {"jaxcnn": jax_train_step(name, size, images, labels, args.steps),
+               "torch": torch_train_step(name, images, labels, args.steps)}  # fmt: skip
+        t = interleaved_medians(fns, args.repeats)
+        ips = {k: args.batch_size * args.steps / v for k, v in t.items()}
+        results[name] = {
+            "image_size": size,
+            "jaxcnn_images_per_s": round(ips["jaxcnn"], 1),
+            "torch_images_per_s": round(ips["torch"], 1),
+            "ratio": round(ips["jaxcnn"] / ips["torch"], 3),
+        }
+        print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------
+# Convolutions.
+
+
+def bench_conv(n, h, c, o, k, stride, padding, input_grad: bool, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, h, c), dtype=np.float32)
+    w = (rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c)).astype(np.float32)
+    b = rng.standard_normal(o, dtype=np.float32)
+    ho = (h + 2 * padding - k) // stride + 1
+    dy = rng.standard_normal((n, ho, ho, o), dtype=np.float32)
+    argnums = (0, 1, 2) if input_grad else (1, 2)
+
+    conv = lambda x, w, b: ops.conv2d(x, w, b, stride=stride, padding=padding)  # noqa: E731
+    fwd = jax.jit(conv)
+    bwd = jax.jit(jax.grad(lambda x, w, b, dy: jnp.vdot(conv(x, w, b), dy), argnums=argnums))
+    jx, jw, jb, jdy = map(jnp.asarray, (x, w, b, dy))
+
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(input_grad)
+    tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    tb = torch.from_numpy(b).requires_grad_()
+    tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+
+    def torch_fwd():
+        with torch.no_grad():
+            F.conv2d(tx, tw, tb, stride=stride, padding=padding)
+
+    def torch_bwd():
+        tw.grad = tb.grad = tx.grad = None
+        F.conv2d(tx, tw, tb, stride=stride, padding=padding).backward(tdy)
+
+    t = interleaved_medians(
+        {
+            "jaxcnn_fwd": lambda: fwd(jx, jw, jb).block_until_ready(),
+            "torch_fwd": torch_fwd,
+            "jaxcnn_fwd_bwd": lambda: jax.block_until_ready(bwd(jx, jw, jb, jdy)),
+            "torch_fwd_bwd": torch_bwd,
+        },
+        repeats,
+    )
+    gflop = 2 * n * ho * ho * o * k * k * c / 1e9  # forward; each gradient costs as much
+    flops = {"fwd": gflop, "fwd_bwd": gflop * (3 if input_grad else 2)}
+    row = {f"{k}_ms": round(1e3 * v, 3) for k, v in t.items()}
+    for mode in ("fwd", "fwd_bwd"):
+        row[f"{mode}_ratio"] = round(t[f"torch_{mode}"] / t[f"jaxcnn_{mode}"], 3)
+        for lib in ("jaxcnn", "torch"):
+            row[f"{lib}_{mode}_gflops"] = round(flops[mode] / t[f"{lib}_{mode}"], 1)
+    return row
+
+
+def bench_convs(args, peak: float) -> list:
+    rows = []
+    for size in args.conv_sizes:
+        for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
+            ho = (h + 2 * padding - k) // stride + 1
+            row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
+                   "stride": stride, "padding": padding, "output_hw": ho,
+                   "lowering_auto": "matmul" if _lowering.prefers_matmul(
+                       (args.batch_size, h, h, c), (k, k), (ho, ho), 4) else "xla"}  # fmt: skip
+            row |= bench_conv(args.batch_size, h, c, o, k, stride, padding, name != "stem", args.repeats)
+            for key in [k for k in row if k.endswith("_gflops")]:
+                row[key.replace("_gflops", "_peak_fraction")] = round(row[key] / peak, 3)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    peak = matmul_peak_gflops(ARGS.repeats)
+    print(json.dumps({"matmul_peak_gflops": round(peak, 1)}), file=sys.stderr, flush=True)
+    result = {
+        "benchmark": "compare_torch",
+        "lowering": os.environ.get("JAXCNN_CONV_LOWERING", "auto"),
+        "threads": ARGS.threads,
+        "batch_size": ARGS.batch_size,
+        "repeats": ARGS.repeats,
+        "steps_per_repeat": ARGS.steps,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "backend": jax.default_backend(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "matmul_peak_gflops": round(peak, 1),
+        "models": bench_models(ARGS),
+        "convs": bench_convs(ARGS, peak),
+    }
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

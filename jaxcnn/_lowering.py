@@ -1,0 +1,162 @@
+"""How `ops.conv2d` lowers: XLA's convolution, or patches and a matrix product.
+
+XLA's CPU convolution is slow on small feature maps (a 3x3 kernel on 2x2 or
+1x1 maps runs tens of times below the machine's matrix-product rate) and its
+gradients are slow on most maps, while a matrix product runs near peak.
+`conv2d_matmul` gathers the kh * kw shifted (strided, dilated) views of the
+padded input into a (N * Ho * Wo, kh * kw * C) patch matrix and multiplies it
+by the kernel seen as a (kh * kw * C, O) matrix. Plain autodiff then gives the
+gradients we want: the weight gradient is one product patches^T @ dY, the
+input gradient dY @ W^T scattered back (col2im) as a fused sum of kh * kw
+padded slices.
+
+Two refinements keep it fast:
+- Kernel taps that only ever meet padding are dropped first, so a 3x3
+  kernel on a 1x1 map is the 1x1 convolution it really is.
+- The patch matrix is kh * kw times the input. XLA's CPU runtime maps its
+  temporaries afresh on every call, so a large one costs a page fault per
+  4 KiB (about as much as the product itself). Large batches are therefore
+  convolved a chunk of images at a time (`lax.map`), each chunk's patches
+  rebuilt in the backward pass (`jax.checkpoint`) instead of stored.
+
+GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
+with `lax.platform_dependent`, resolved when lowered for the devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+LOWERINGS = ("auto", "xla", "matmul")
+ENV_VAR = "JAXCNN_CONV_LOWERING"
+
+# Bytes of patch matrix per chunk of images: a few MiB stay in cache and in
+# pages the runtime already touched.
+CHUNK_BYTES = 4 * 2**20
+# Largest (input pixels x output pixels) count for which a map smaller than
+# the kernel is convolved as a dense matrix.
+MAX_DENSE_BLOCKS = 64
+# "auto" leaves inputs with fewer channels than this to XLA: building patches
+# from very narrow views is slow, and XLA's kernels do well there.
+MIN_CHANNELS = 8
+
+
+def mode(fn: str, lowering: str | None) -> str:
+    """The lowering asked for: the keyword, else $JAXCNN_CONV_LOWERING, else "auto"."""
+    chosen = os.environ.get(ENV_VAR, "auto") if lowering is None else lowering
+    if chosen not in LOWERINGS:
+        source = f"${ENV_VAR}" if lowering is None else "lowering"
+        raise ValueError(f"{fn}: {source} must be one of {LOWERINGS}, got {chosen!r}")
+    return chosen
+
+
+def prefers_matmul(channels: int, kernel_hw) -> bool:
+    """Whether "auto" takes the matrix product on CPU (groups=1)."""
+    return kernel_hw == (1, 1) or channels >= MIN_CHANNELS
+
+
+def _live_taps(n: int, k: int, stride: int, dilation: int, lo: int, out: int) -> tuple[int, int]:
+    """First and last kernel tap along one axis that reads a real (not padding) pixel."""
+    live = [i for i in range(k) if any(0 <= r * stride + i * dilation - lo < n for r in range(out))]
+    return live[0], live[-1]
+
+
+def conv2d_matmul(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
+    """x (N, H, W, C), w (kh, kw, C, O), explicit padding -> (N, Ho, Wo, O): groups=1 only."""
+    n, h, wd, c = x.shape
+    (sh, sw), (dh, dw), ((top, bottom), (left, right)) = stride, dilation, padding
+    ho = (h + top + bottom - (w.shape[0] - 1) * dh - 1) // sh + 1
+    wo = (wd + left + right - (w.shape[1] - 1) * dw - 1) // sw + 1
+    i0, i1 = _live_taps(h, w.shape[0], sh, dh, top, ho)
+    j0, j1 = _live_taps(wd, w.shape[1], sw, dw, left, wo)
+    w = w[i0 : i1 + 1, j0 : j1 + 1]
+    # Padding for the live taps alone; negative where it now crops the input.
+    top, left = top - i0 * dh, left - j0 * dw
+    bottom = (ho - 1) * sh + (w.shape[0] - 1) * dh + 1 - h - top
+    right = (wo - 1) * sw + (w.shape[1] - 1) * dw + 1 - wd - left
+    pads = ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+    if h * wd < w.shape[0] * w.shape[1] and h * wd * ho * wo <= MAX_DENSE_BLOCKS:
+        # A map smaller than the kernel: the dense matrix has fewer entries than the patches.
+        return _dense(x, w, (ho, wo), stride, dilation, (top, left), precision)
+
+    def conv(x):
+        xp = lax.pad(x, jnp.zeros((), x.dtype), pads)
+        return _patches_dot(xp, w, (ho, wo), stride, dilation, precision)
+
+    chunk = max(1, CHUNK_BYTES // (ho * wo * w.shape[0] * w.shape[1] * c * x.dtype.itemsize))
+    if w.shape[:2] == (1, 1) or chunk >= n:
+        return conv(x)
+    one_image = jax.checkpoint(lambda xi: conv(xi[None])[0])
+    return lax.map(one_image, x, batch_size=_divisor_near(n, chunk))
+
+
+def _patches_dot(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
+    """The convolution of an already padded xp: patches @ w."""
+    kh, kw, c, o = w.shape
+    (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
+    n = xp.shape[0]
+    # One strided view per kernel tap, in w's (kh, kw, C) row order.
+    views = [
+        lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    y = _matmul(patches.reshape(n * ho * wo, kh * kw * c), w.reshape(kh * kw * c, o), precision)
+    return y.reshape(n, ho, wo, o)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _matmul(a, b, precision) -> jax.Array:
+    """a @ b, whose gradient for b is computed as (dY^T @ a)^T.
+
+    Autodiff would compute a^T @ dY, a product XLA's CPU dot runs up to twice
+    as slowly when a is a tall patch matrix; the forward stays a @ b.
+    """
+    return jnp.dot(a, b, precision=precision)
+
+
+def _matmul_jvp(precision, primals, tangents):
+    (a, b), (da, db) = primals, tangents
+    y = jnp.dot(a, b, precision=precision)
+    # Linear in (da, db); the transpose of the second term is (dY^T @ a)^T.
+    # Zero tangents (x or w not differentiated) stay symbolic: no wasted product.
+    terms = [jnp.dot(da, b, precision=precision)] if not isinstance(da, SymbolicZero) else []
+    if not isinstance(db, SymbolicZero):
+        terms.append(jnp.dot(db.T, a.T, precision=precision).T)
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
+
+
+def _dense(x, w, out_hw, stride, dilation, top_left, precision) -> jax.Array:
+    """The convolution as one (H * W * C, Ho * Wo * O) matrix: block (input pixel, output pixel) is
+    the kernel tap joining them, or zero."""
+    n, h, wd, c = x.shape
+    kh, kw, _, o = w.shape
+    zero = jnp.zeros((c, o), w.dtype)
+
+    def tap(q, r, axis):  # the kernel tap along `axis` that output r reads input q with, if any
+        i, rem = divmod(q + top_left[axis] - r * stride[axis], dilation[axis])
+        return i if rem == 0 and 0 <= i < w.shape[axis] else None
+
+    rows = []
+    for qi in range(h):
+        for qj in range(wd):
+            taps = [(tap(qi, ri, 0), tap(qj, rj, 1)) for ri in range(out_hw[0]) for rj in range(out_hw[1])]
+            rows.append(jnp.concatenate([zero if None in t else w[t] for t in taps], axis=1))
+    y = _matmul(x.reshape(n, h * wd * c), jnp.concatenate(rows, axis=0), precision)
+    return y.reshape(n, *out_hw, o)
+
+
+def _divisor_near(n: int, chunk: int) -> int:
+    """A chunk size near `chunk` that divides n if one is at least half as large (no remainder pass)."""
+    best = max(d for d in range(1, chunk + 1) if n % d == 0)
+    return best if 2 * best >= chunk else chunk

@@ -1,0 +1,169 @@
+"""conv2d's matmul lowering against XLA's convolution and the NumPy twin: values,
+gradients, which lowering each shape gets, and the switch."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from jaxcnn import _lowering, ops, reference
+
+HIGHEST = lax.Precision.HIGHEST
+assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+
+# name: (x shape in the layout, w shape in the layout, conv2d keywords). Each
+# branch of the matmul lowering, and the fallback to XLA (groups).
+CASES = {
+    "1x1_strided": ((2, 5, 5, 3), (1, 1, 3, 4), dict(stride=2)),  # a strided slice and a dot
+    "3x3_on_2x2": ((2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1)),  # map smaller than the kernel: dense
+    "3x3_on_1x1": ((2, 1, 1, 8), (3, 3, 8, 4), dict(padding=1)),  # only the centre tap is live: 1x1
+    "3x3_s2_to_1x1": ((2, 2, 2, 8), (3, 3, 8, 4), dict(stride=2, padding=1)),  # 2x2 live taps, cropped
+    "3x3_strided": ((2, 4, 4, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),  # patches
+    "asymmetric": ((2, 5, 6, 3), (2, 3, 3, 4), dict(stride=(2, 1), padding=((0, 1), (2, 0)))),
+    "same_stride2": ((2, 6, 6, 2), (3, 3, 2, 3), dict(stride=2, padding="SAME")),
+    "dilated": ((2, 6, 5, 3), (3, 2, 3, 4), dict(dilation=(2, 3), padding=(2, 1))),
+    "dilated_dead_rows": ((2, 2, 3, 3), (3, 3, 3, 4), dict(dilation=2, padding=2)),  # kernel rows 0, 2 see padding
+    "nchw": ((2, 3, 4, 5), (4, 3, 3, 2), dict(stride=(1, 2), padding=1, layout="NCHW")),
+    "grouped": ((2, 4, 4, 4), (3, 3, 2, 6), dict(groups=2, padding=1)),
+}
+
+
+def case_args(name, seed=0, dtype=np.float32):
+    x_shape, w_shape, kwargs = CASES[name]
+    rng = np.random.default_rng(seed)
+    x, w = (rng.normal(size=s).astype(dtype) for s in (x_shape, w_shape))
+    b = rng.normal(size=w_shape[-1] if kwargs.get("layout", "NHWC") == "NHWC" else w_shape[0]).astype(dtype)
+    return x, w, b, kwargs
+
+
+def conv(lowering, kwargs):
+    return jax.jit(functools.partial(ops.conv2d, **kwargs, precision=HIGHEST, lowering=lowering))
+
+
+def compiled_hlo(f, *shapes):
+    """The optimised HLO XLA compiles for f on these shapes (nothing is allocated or run)."""
+    return jax.jit(f).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().as_text()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_equal_xla_and_twin(name):
+    x, w, b, kwargs = case_args(name)
+    want = reference.conv2d(x, w, b, **kwargs)
+    ys = {lowering: conv(lowering, kwargs)(x, w, b) for lowering in _lowering.LOWERINGS}
+    for lowering, y in ys.items():
+        chex.assert_shape(y, want.shape)
+        assert_close(y, want, err_msg=lowering)
+    assert_close(ys["matmul"], ys["xla"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradients_equal_xla(name):
+    x, w, b, kwargs = case_args(name)
+    y_shape = reference.conv2d(x, w, b, **kwargs).shape
+    cotangent = np.random.default_rng(1).normal(size=y_shape).astype(np.float32)
+
+    def grads(lowering):
+        loss = lambda x, w, b: jnp.vdot(ops.conv2d(x, w, b, **kwargs, precision=HIGHEST, lowering=lowering), cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
+
+    got, want = grads("matmul"), grads("xla")
+    chex.assert_trees_all_equal_shapes(got, (x, w, b))
+    for g, h, what in zip(got, want, ("x", "w", "b")):
+        assert np.abs(h).max() > 0, what  # a zero gradient would match anything
+        assert_close(g, h, err_msg=f"d/d{what}")
+
+
+@pytest.mark.parametrize("name", ["1x1_strided", "asymmetric", "dilated", "nchw"])
+def test_matmul_gradients_match_finite_differences(name):
+    x, w, b, kwargs = case_args(name, dtype=np.float64)
+    with jax.enable_x64(True):
+        check_grads(conv("matmul", kwargs), (x, w, b), order=1, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize(
+    "lowering, x_shape, w_shape, kwargs, uses_conv",
+    [
+        ("xla", (2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1), True),
+        ("matmul", (2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1), False),
+        ("matmul", (2, 4, 4, 4), (3, 3, 2, 6), dict(padding=1, groups=2), True),  # groups fall back
+        ("auto", (2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1), False),
+        ("auto", (256, 24, 24, 64), (3, 3, 64, 64), dict(padding=1), False),  # ResNet-18's first stage at 96 px
+        ("auto", (2, 5, 5, 3), (1, 1, 3, 4), dict(stride=2), False),  # 1x1: a dot, however few channels
+        ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), True),  # LeNet's first layer: one channel
+    ],
+)
+def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
+    f = lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering)
+    hlo = compiled_hlo(f, x_shape, w_shape)
+    assert ("convolution(" in hlo) == uses_conv
+    assert ("dot(" in hlo) != uses_conv
+
+
+def test_environment_switch_read_at_trace_time(monkeypatch):
+    # A fresh function each time: jit caches a traced function, lowering and all.
+    f = lambda: lambda x, w: ops.conv2d(x, w, padding=1)
+    shapes = (2, 2, 2, 8), (3, 3, 8, 4)
+    monkeypatch.setenv(_lowering.ENV_VAR, "xla")
+    assert "convolution(" in compiled_hlo(f(), *shapes)
+    monkeypatch.setenv(_lowering.ENV_VAR, "matmul")
+    assert "convolution(" not in compiled_hlo(f(), *shapes)
+    # The keyword wins over the environment.
+    assert "convolution(" in compiled_hlo(lambda x, w: ops.conv2d(x, w, padding=1, lowering="xla"), *shapes)
+
+
+def test_bad_lowering(monkeypatch):
+    x, w = np.ones((1, 3, 3, 1), np.float32), np.ones((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match=r"^conv2d: lowering must be one of .*'fast'"):
+        ops.conv2d(x, w, lowering="fast")
+    monkeypatch.setenv(_lowering.ENV_VAR, "MATMUL")
+    with pytest.raises(ValueError, match=r"^conv2d: \$JAXCNN_CONV_LOWERING must be one of .*'MATMUL'"):
+        ops.conv2d(x, w)
+
+
+def test_bfloat16_keeps_its_dtype():
+    x, w, _, kwargs = case_args("3x3_strided")
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    ys = {lowering: conv(lowering, kwargs)(x, w) for lowering in ("matmul", "xla")}
+    assert ys["matmul"].dtype == ys["xla"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(ys["matmul"]), np.float32(ys["xla"]), rtol=2e-2, atol=5e-2)
+
+
+def test_chunked_batches_equal_xla(monkeypatch):
+    """Patches over CHUNK_BYTES are built a few images at a time, in a loop, and rebuilt for the gradient."""
+    monkeypatch.setattr(_lowering, "CHUNK_BYTES", 4000)  # 3 images' 1296-byte patch matrices
+    x, w, b, kwargs = case_args("asymmetric", seed=3)
+    x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
+    assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering="matmul"), x.shape, w.shape)
+    assert_close(conv("matmul", kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
+    loss = lambda lowering: lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, **kwargs, precision=HIGHEST, lowering=lowering)))
+    for g, h in zip(jax.jit(jax.grad(loss("matmul"), (0, 1)))(x, w), jax.jit(jax.grad(loss("xla"), (0, 1)))(x, w)):
+        assert_close(g, h)
+
+
+@pytest.mark.parametrize(
+    "n, k, stride, dilation, lo, out, live",
+    [
+        (1, 3, 1, 1, 1, 1, (1, 1)),  # 1x1 map, padding 1: the centre
+        (2, 3, 2, 1, 1, 1, (1, 2)),  # 2x2 -> 1x1 with stride 2: the first tap is all padding
+        (4, 3, 1, 1, 1, 4, (0, 2)),  # every tap meets the input somewhere
+        (1, 3, 1, 2, 2, 1, (1, 1)),  # dilated: taps 0 and 2 fall in the padding
+        (3, 2, 4, 1, 0, 1, (0, 1)),
+    ],
+)
+def test_live_taps(n, k, stride, dilation, lo, out, live):
+    assert _lowering._live_taps(n, k, stride, dilation, lo, out) == live
+
+
+def test_forward_mode_and_per_example_gradients():
+    """The lowering keeps jax.jvp (custom_jvp, not custom_vjp) and vmap of grad working."""
+    x, w, _, kwargs = case_args("3x3_strided")
+    f = lambda lowering: lambda x, w: ops.conv2d(x, w, **kwargs, precision=HIGHEST, lowering=lowering)
+    tangents = (np.ones_like(x), np.ones_like(w))
+    assert_close(jax.jvp(f("matmul"), (x, w), tangents)[1], jax.jvp(f("xla"), (x, w), tangents)[1])
+    per_example = lambda lowering: jax.vmap(jax.grad(lambda xi, w: jnp.sum(f(lowering)(xi[None], w) ** 2), 1), (0, None))
+    assert_close(per_example("matmul")(x, w), per_example("xla")(x, w))
