@@ -11,7 +11,10 @@ On a CPU host each N runs in its own subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=N: those fake devices share
 the same cores, so the numbers show the cost of sharding (per-device
 programs, the gradient all-reduce), not a speed-up. With GPUs or TPUs the
-first N real devices are used, in this process.
+first N real devices are used, in this process. The loop waits for the
+devices every --sync-every steps: with a hundred or so LeNet steps in
+flight, XLA's CPU all-reduce between fake devices stalls and aborts the
+process (seen with jax 0.10.2 on 2 cores).
 
 Checkpointing: seconds per `jaxcnn.checkpoint.save` of each model's whole
 train state (the chapters' SGD), split into the part that blocks the loop
@@ -71,7 +74,7 @@ def setup(name: str, image_size: int, mesh):
     return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals
 
 
-def step_throughput(spec: str, num_devices: int, batch_size: int, steps: int, repeats: int) -> dict:
+def step_throughput(spec: str, num_devices: int, batch_size: int, steps: int, repeats: int, sync_every: int) -> dict:
     name, size = parse_model(spec)
     mesh = train.data_mesh(jax.devices()[:num_devices])
     step, state, totals = setup(name, size, mesh)
@@ -84,9 +87,10 @@ def step_throughput(spec: str, num_devices: int, batch_size: int, steps: int, re
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(steps):
+        for i in range(1, steps + 1):
             state, totals = step(state, totals, *batch)
-        jax.block_until_ready((state, totals))
+            if i % sync_every == 0 or i == steps:
+                jax.block_until_ready((state, totals))
         seconds.append(time.perf_counter() - start)
     step_s = statistics.median(seconds) / steps
     return {
@@ -160,6 +164,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (must divide by every count)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed chunk (default: per model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks per measurement")
+    parser.add_argument("--sync-every", type=int, default=10,
+                        help="wait for the devices every N steps: XLA's CPU all-reduce between fake devices "
+                        "aborts when too many steps are in flight")
     parser.add_argument("--saves", type=int, default=4, help="checkpoints saved per model (the first is setup-heavy)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -174,22 +181,24 @@ def main() -> None:
         parser.error(str(error))
     if min(counts, default=0) < 1 or any(args.batch_size % n for n in counts):
         parser.error(f"--devices must be positive counts that divide --batch-size {args.batch_size}, got {args.devices}")
-    if args.batch_size < 1 or args.repeats < 1 or args.saves < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--batch-size, --steps, --repeats and --saves must be positive")
+    if min(args.batch_size, args.repeats, args.saves, args.sync_every, args.steps or 1) < 1:
+        parser.error("--batch-size, --steps, --repeats, --sync-every and --saves must be positive")
     steps = lambda spec: args.steps or DEFAULT_STEPS.get("{}@{}".format(*parse_model(spec)), 2)
     if args.worker is not None:  # a subprocess with fake devices: print its throughput, nothing else
         if jax.device_count() < args.worker:
             raise RuntimeError(f"scaling.py: asked for {args.worker} devices, JAX sees {jax.device_count()}")
-        print(json.dumps({s: step_throughput(s, args.worker, args.batch_size, steps(s), args.repeats) for s in specs}))
+        print(json.dumps({s: step_throughput(s, args.worker, args.batch_size, steps(s), args.repeats, args.sync_every)
+                          for s in specs}))
         return
 
     fake = jax.default_backend() == "cpu"
     if fake:
-        argv = ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--devices", args.devices]
+        argv = ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--devices", args.devices,
+                "--sync-every", str(args.sync_every)]
         by_count = {n: {s: run_fake_devices(n, s, [*argv, "--steps", str(steps(s))]) for s in specs} for n in counts}
     else:
         counts = [n for n in counts if n <= jax.device_count()]
-        by_count = {n: {s: step_throughput(s, n, args.batch_size, steps(s), args.repeats) for s in specs}
+        by_count = {n: {s: step_throughput(s, n, args.batch_size, steps(s), args.repeats, args.sync_every) for s in specs}
                     for n in counts}
 
     scaling = {}
@@ -224,6 +233,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "global_batch_size": args.batch_size,
+        "sync_every_steps": args.sync_every,
         "note": NOTE if fake else "real devices: images/s across N is the data-parallel speed-up",
         "scaling": scaling,
         "checkpoint": {
