@@ -5,19 +5,21 @@ XLA's CPU convolution is slow on small feature maps (a 3x3 kernel on 2x2 or
 gradients are slow on most maps, while a matrix product runs near peak.
 `conv2d_matmul` gathers the kh * kw shifted (strided, dilated) views of the
 padded input into a (N * Ho * Wo, kh * kw * C) patch matrix and multiplies it
-by the kernel seen as a (kh * kw * C, O) matrix. Plain autodiff then gives the
-gradients we want: the weight gradient is one product patches^T @ dY, the
-input gradient dY @ W^T scattered back (col2im) as a fused sum of kh * kw
-padded slices.
+by the kernel seen as a (kh * kw * C, O) matrix. Autodiff then gives the
+gradients as products too: the input gradient dY @ W^T scattered back
+(col2im) as a fused sum of kh * kw padded slices, the weight gradient
+dY^T @ patches (`_matmul` picks that order over patches^T @ dY).
 
-Two refinements keep it fast:
-- Kernel taps that only ever meet padding are dropped first, so a 3x3
-  kernel on a 1x1 map is the 1x1 convolution it really is.
-- The patch matrix is kh * kw times the input. XLA's CPU runtime maps its
-  temporaries afresh on every call, so a large one costs a page fault per
-  4 KiB (about as much as the product itself). Large batches are therefore
-  convolved a chunk of images at a time (`lax.map`), each chunk's patches
-  rebuilt in the backward pass (`jax.checkpoint`) instead of stored.
+What keeps it fast:
+- Kernel taps that only ever meet padding are dropped, so a 3x3 kernel on a
+  1x1 map is the 1x1 convolution it really is; a map smaller than the
+  (remaining) kernel is one dense (H * W * C, Ho * Wo * O) matrix.
+- The patch matrix is kh * kw times the input, and XLA's CPU runtime maps its
+  temporaries afresh on every call, a page fault per 4 KiB. Large batches are
+  convolved a few MiB of patches at a time (`lax.map`), each chunk's patches
+  rebuilt for the backward pass (`jax.checkpoint`) rather than stored.
+- Inputs with few channels (LeNet's) build their patches with the batch as
+  the minor axis, so views copy in long runs.
 
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
 with `lax.platform_dependent`, resolved when lowered for the devices.
@@ -42,8 +44,8 @@ CHUNK_BYTES = 4 * 2**20
 # Largest (input pixels x output pixels) count for which a map smaller than
 # the kernel is convolved as a dense matrix.
 MAX_DENSE_BLOCKS = 64
-# "auto" leaves inputs with fewer channels than this to XLA: building patches
-# from very narrow views is slow, and XLA's kernels do well there.
+# Inputs with fewer channels than this get batch-minor patches (narrow
+# views copy slowly), or XLA's convolution in "auto" when strided.
 MIN_CHANNELS = 8
 
 
@@ -56,15 +58,16 @@ def mode(fn: str, lowering: str | None) -> str:
     return chosen
 
 
-def prefers_matmul(channels: int, kernel_hw) -> bool:
-    """Whether "auto" takes the matrix product on CPU (groups=1)."""
-    return kernel_hw == (1, 1) or channels >= MIN_CHANNELS
+def prefers_matmul(channels: int, kernel_hw, stride) -> bool:
+    """Whether "auto" takes the matrix product on CPU (groups=1): all but strided kernels
+    on inputs with few channels (a ResNet stem), where XLA's convolution measured faster."""
+    return kernel_hw == (1, 1) or channels >= MIN_CHANNELS or stride == (1, 1)
 
 
-def _live_taps(n: int, k: int, stride: int, dilation: int, lo: int, out: int) -> tuple[int, int]:
-    """First and last kernel tap along one axis that reads a real (not padding) pixel."""
+def _live_taps(n: int, k: int, stride: int, dilation: int, lo: int, out: int) -> tuple[int, int] | None:
+    """First and last kernel tap along one axis that reads a real (not padding) pixel; None if none does."""
     live = [i for i in range(k) if any(0 <= r * stride + i * dilation - lo < n for r in range(out))]
-    return live[0], live[-1]
+    return (live[0], live[-1]) if live else None
 
 
 def conv2d_matmul(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
@@ -73,27 +76,63 @@ def conv2d_matmul(x, w, *, stride, padding, dilation, precision=None) -> jax.Arr
     (sh, sw), (dh, dw), ((top, bottom), (left, right)) = stride, dilation, padding
     ho = (h + top + bottom - (w.shape[0] - 1) * dh - 1) // sh + 1
     wo = (wd + left + right - (w.shape[1] - 1) * dw - 1) // sw + 1
-    i0, i1 = _live_taps(h, w.shape[0], sh, dh, top, ho)
-    j0, j1 = _live_taps(wd, w.shape[1], sw, dw, left, wo)
+    live = _live_taps(h, w.shape[0], sh, dh, top, ho), _live_taps(wd, w.shape[1], sw, dw, left, wo)
+    if None in live:  # every output reads only padding
+        return jnp.zeros((n, ho, wo, w.shape[3]), jnp.result_type(x, w))
+    (i0, i1), (j0, j1) = live
     w = w[i0 : i1 + 1, j0 : j1 + 1]
     # Padding for the live taps alone; negative where it now crops the input.
     top, left = top - i0 * dh, left - j0 * dw
     bottom = (ho - 1) * sh + (w.shape[0] - 1) * dh + 1 - h - top
     right = (wo - 1) * sw + (w.shape[1] - 1) * dw + 1 - wd - left
-    pads = ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+    pads = ((top, bottom, 0), (left, right, 0))
     if h * wd < w.shape[0] * w.shape[1] and h * wd * ho * wo <= MAX_DENSE_BLOCKS:
         # A map smaller than the kernel: the dense matrix has fewer entries than the patches.
         return _dense(x, w, (ho, wo), stride, dilation, (top, left), precision)
+    per_image = ho * wo * w.shape[0] * w.shape[1] * c * x.dtype.itemsize
+    chunk = _divisor_near(n, min(n, max(1, CHUNK_BYTES // per_image)))
+    if c < MIN_CHANNELS and w.shape[:2] != (1, 1):
+        return _batch_minor(x, w, (ho, wo), stride, dilation, pads, precision, chunk)
 
     def conv(x):
-        xp = lax.pad(x, jnp.zeros((), x.dtype), pads)
+        xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0)))
         return _patches_dot(xp, w, (ho, wo), stride, dilation, precision)
 
-    chunk = max(1, CHUNK_BYTES // (ho * wo * w.shape[0] * w.shape[1] * c * x.dtype.itemsize))
-    if w.shape[:2] == (1, 1) or chunk >= n:
+    if w.shape[:2] == (1, 1) or chunk == n:
         return conv(x)
     one_image = jax.checkpoint(lambda xi: conv(xi[None])[0])
-    return lax.map(one_image, x, batch_size=_divisor_near(n, chunk))
+    return lax.map(one_image, x, batch_size=chunk)
+
+
+def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.Array:
+    """Patches for inputs with few channels, built with the batch as the minor axis.
+
+    Each kernel tap's view of (C, H, W, chunk) images is then a block of rows
+    of the (kh * kw * C, Ho * Wo * chunk) patch matrix, copied in runs of
+    `chunk` numbers rather than C; the product is W^T @ patches.
+    """
+    n, _, _, c = x.shape
+    kh, kw, _, o = w.shape
+    (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
+    pads = ((0, 0, 0), *pads, (0, 0, 0))  # (C, H, W, chunk)
+
+    def conv(xc):  # (C, H, W, chunk) -> (O, Ho, Wo, chunk)
+        xp = lax.pad(xc, jnp.zeros((), x.dtype), pads)
+        views = [
+            lax.slice(xp, (0, i * dh, j * dw, 0), (c, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xc.shape[3]), (1, sh, sw, 1))
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        patches = jnp.stack(views).reshape(kh * kw * c, ho * wo * xc.shape[3])
+        return _matmul(patches.T, w.reshape(kh * kw * c, o), precision).T.reshape(o, ho, wo, xc.shape[3])
+
+    to_minor = lambda x, k: x.reshape(-1, k, *x.shape[1:]).transpose(0, 4, 2, 3, 1)  # noqa: E731
+    from_minor = lambda y: y.transpose(0, 4, 2, 3, 1).reshape(-1, ho, wo, o)  # noqa: E731
+    whole = n // chunk * chunk
+    ys = [from_minor(lax.map(jax.checkpoint(conv), to_minor(x[:whole], chunk)))] if whole else []
+    if whole < n:  # the remainder, as one smaller chunk
+        ys.append(from_minor(conv(to_minor(x[whole:], n - whole)[0])[None]))
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
 
 
 def _patches_dot(xp, w, out_hw, stride, dilation, precision) -> jax.Array:

@@ -302,7 +302,7 @@ def conv2d(
         y = xla(x, w)
     elif how == "matmul":
         y = matmul(x, w)
-    elif _lowering.prefers_matmul(c, (kh, kw)):
+    elif _lowering.prefers_matmul(c, (kh, kw), stride):
         # Resolved when lowered: the product on CPU, XLA's convolution elsewhere.
         y = lax.platform_dependent(x, w, cpu=matmul, default=xla)
     else:

@@ -23,7 +23,10 @@ CASES = {
     "3x3_on_2x2": ((2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1)),  # map smaller than the kernel: dense
     "3x3_on_1x1": ((2, 1, 1, 8), (3, 3, 8, 4), dict(padding=1)),  # only the centre tap is live: 1x1
     "3x3_s2_to_1x1": ((2, 2, 2, 8), (3, 3, 8, 4), dict(stride=2, padding=1)),  # 2x2 live taps, cropped
-    "3x3_strided": ((2, 4, 4, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),  # patches
+    "1x1_padded": ((2, 2, 2, 8), (1, 1, 8, 4), dict(padding=1)),  # a ring of outputs that see only padding
+    "only_padding": ((2, 1, 1, 8), (1, 1, 8, 4), dict(stride=3, padding=1)),  # nothing but the bias
+    "3x3_wide": ((2, 4, 4, 8), (3, 3, 8, 4), dict(padding=1)),  # patches
+    "3x3_strided": ((2, 4, 4, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),  # few channels: batch-minor patches
     "asymmetric": ((2, 5, 6, 3), (2, 3, 3, 4), dict(stride=(2, 1), padding=((0, 1), (2, 0)))),
     "same_stride2": ((2, 6, 6, 2), (3, 3, 2, 3), dict(stride=2, padding="SAME")),
     "dilated": ((2, 6, 5, 3), (3, 2, 3, 4), dict(dilation=(2, 3), padding=(2, 1))),
@@ -74,7 +77,8 @@ def test_gradients_equal_xla(name):
     got, want = grads("matmul"), grads("xla")
     chex.assert_trees_all_equal_shapes(got, (x, w, b))
     for g, h, what in zip(got, want, ("x", "w", "b")):
-        assert np.abs(h).max() > 0, what  # a zero gradient would match anything
+        if name != "only_padding":  # there x and w do not matter
+            assert np.abs(h).max() > 0, what  # a zero gradient would match anything
         assert_close(g, h, err_msg=f"d/d{what}")
 
 
@@ -94,7 +98,8 @@ def test_matmul_gradients_match_finite_differences(name):
         ("auto", (2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1), False),
         ("auto", (256, 24, 24, 64), (3, 3, 64, 64), dict(padding=1), False),  # ResNet-18's first stage at 96 px
         ("auto", (2, 5, 5, 3), (1, 1, 3, 4), dict(stride=2), False),  # 1x1: a dot, however few channels
-        ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), True),  # LeNet's first layer: one channel
+        ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), False),  # LeNet's first layer: one channel
+        ("auto", (2, 32, 32, 1), (7, 7, 1, 64), dict(stride=2, padding=3), True),  # ResNet's stem: strided
     ],
 )
 def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
@@ -133,26 +138,29 @@ def test_bfloat16_keeps_its_dtype():
     np.testing.assert_allclose(np.float32(ys["matmul"]), np.float32(ys["xla"]), rtol=2e-2, atol=5e-2)
 
 
-def test_chunked_batches_equal_xla(monkeypatch):
+@pytest.mark.parametrize("name", ["asymmetric", "3x3_wide"])
+def test_chunked_batches_equal_xla(monkeypatch, name):
     """Patches over CHUNK_BYTES are built a few images at a time, in a loop, and rebuilt for the gradient."""
-    monkeypatch.setattr(_lowering, "CHUNK_BYTES", 4000)  # 3 images' 1296-byte patch matrices
-    x, w, b, kwargs = case_args("asymmetric", seed=3)
+    x, w, b, kwargs = case_args(name, seed=3)
+    per_image = {"asymmetric": 1296, "3x3_wide": 4608}[name]  # bytes of one image's patch matrix
+    monkeypatch.setattr(_lowering, "CHUNK_BYTES", 3 * per_image)
     x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering="matmul"), x.shape, w.shape)
     assert_close(conv("matmul", kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
     loss = lambda lowering: lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, **kwargs, precision=HIGHEST, lowering=lowering)))
     for g, h in zip(jax.jit(jax.grad(loss("matmul"), (0, 1)))(x, w), jax.jit(jax.grad(loss("xla"), (0, 1)))(x, w)):
-        assert_close(g, h)
+        # A weight gradient sums hundreds of products, over 2 or 3 chunks here.
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
     "n, k, stride, dilation, lo, out, live",
     [
-        (1, 3, 1, 1, 1, 1, (1, 1)),  # 1x1 map, padding 1: the centre
+        (1, 3, 1, 1, 1, 1, (1, 1)),  # 1x1 map, padding 1: the centre tap
         (2, 3, 2, 1, 1, 1, (1, 2)),  # 2x2 -> 1x1 with stride 2: the first tap is all padding
         (4, 3, 1, 1, 1, 4, (0, 2)),  # every tap meets the input somewhere
         (1, 3, 1, 2, 2, 1, (1, 1)),  # dilated: taps 0 and 2 fall in the padding
-        (3, 2, 4, 1, 0, 1, (0, 1)),
+        (1, 1, 3, 1, 1, 1, None),  # the one output reads only padding
     ],
 )
 def test_live_taps(n, k, stride, dilation, lo, out, live):
