@@ -26,7 +26,6 @@ epoch: mnist_10k's 8000 training images at the global batch, from the
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -114,8 +113,13 @@ def run_fake_devices(num_devices: int, spec: str, argv: list[str], attempts: int
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     errors = []
     for _ in range(attempts):
-        done = subprocess.run([sys.executable, __file__, *argv, "--models", spec, "--worker", str(num_devices)],
-                              capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            [sys.executable, __file__, *argv, "--models", spec, "--worker", str(num_devices)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         if done.returncode == 0:
             return {**json.loads(done.stdout.strip().splitlines()[-1])[spec], "failed_attempts": errors}
         lines = done.stderr.strip().splitlines() or ["(no output)"]
@@ -164,9 +168,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (must divide by every count)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed chunk (default: per model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks per measurement")
-    parser.add_argument("--sync-every", type=int, default=10,
-                        help="wait for the devices every N steps: XLA's CPU all-reduce between fake devices "
-                        "aborts when too many steps are in flight")
+    parser.add_argument(
+        "--sync-every",
+        type=int,
+        default=10,
+        help="wait for the devices every N steps: XLA's CPU all-reduce between fake devices "
+        "aborts when too many steps are in flight",
+    )
     parser.add_argument("--saves", type=int, default=4, help="checkpoints saved per model (the first is setup-heavy)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -180,26 +188,44 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     if min(counts, default=0) < 1 or any(args.batch_size % n for n in counts):
-        parser.error(f"--devices must be positive counts that divide --batch-size {args.batch_size}, got {args.devices}")
+        parser.error(
+            f"--devices must be positive counts that divide --batch-size {args.batch_size}, got {args.devices}"
+        )
     if min(args.batch_size, args.repeats, args.saves, args.sync_every, args.steps or 1) < 1:
         parser.error("--batch-size, --steps, --repeats, --sync-every and --saves must be positive")
     steps = lambda spec: args.steps or DEFAULT_STEPS.get("{}@{}".format(*parse_model(spec)), 2)
     if args.worker is not None:  # a subprocess with fake devices: print its throughput, nothing else
         if jax.device_count() < args.worker:
             raise RuntimeError(f"scaling.py: asked for {args.worker} devices, JAX sees {jax.device_count()}")
-        print(json.dumps({s: step_throughput(s, args.worker, args.batch_size, steps(s), args.repeats, args.sync_every)
-                          for s in specs}))
+        print(
+            json.dumps(
+                {
+                    s: step_throughput(s, args.worker, args.batch_size, steps(s), args.repeats, args.sync_every)
+                    for s in specs
+                }
+            )
+        )
         return
 
     fake = jax.default_backend() == "cpu"
     if fake:
-        argv = ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--devices", args.devices,
-                "--sync-every", str(args.sync_every)]
+        argv = [
+            "--batch-size",
+            str(args.batch_size),
+            "--repeats",
+            str(args.repeats),
+            "--devices",
+            args.devices,
+            "--sync-every",
+            str(args.sync_every),
+        ]
         by_count = {n: {s: run_fake_devices(n, s, [*argv, "--steps", str(steps(s))]) for s in specs} for n in counts}
     else:
         counts = [n for n in counts if n <= jax.device_count()]
-        by_count = {n: {s: step_throughput(s, n, args.batch_size, steps(s), args.repeats, args.sync_every) for s in specs}
-                    for n in counts}
+        by_count = {
+            n: {s: step_throughput(s, n, args.batch_size, steps(s), args.repeats, args.sync_every) for s in specs}
+            for n in counts
+        }
 
     scaling = {}
     for spec in specs:
@@ -225,27 +251,31 @@ def main() -> None:
                 "save_percent_of_epoch": round(100 * cost["save_s"] / epoch_s, 2),
                 "blocking_percent_of_epoch": round(100 * cost["save_blocking_s"] / epoch_s, 2),
             }
-    print(json.dumps({
-        "benchmark": "scaling",
-        "backend": jax.default_backend(),
-        "fake_cpu_devices": fake,
-        "host_devices_seen_by_parent": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "global_batch_size": args.batch_size,
-        "sync_every_steps": args.sync_every,
-        "note": NOTE if fake else "real devices: images/s across N is the data-parallel speed-up",
-        "scaling": scaling,
-        "checkpoint": {
-            "what": "checkpoint.save(state with the chapters' SGD, totals, meta) then wait_until_finished; "
-            "blocking = until save() returns (the loop goes on while Orbax writes)",
-            "epoch": f"{steps_per_epoch} steps of {args.batch_size} (mnist_10k's 8000 training images) "
-            f"at the {counts[0]}-device step time",
-            "directory": tempfile.gettempdir(),
-            **checkpoints,
-        },
-        "load_average": os.getloadavg(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "scaling",
+                "backend": jax.default_backend(),
+                "fake_cpu_devices": fake,
+                "host_devices_seen_by_parent": [str(d) for d in jax.devices()],
+                "cpu_count": os.cpu_count(),
+                "jax": jax.__version__,
+                "global_batch_size": args.batch_size,
+                "sync_every_steps": args.sync_every,
+                "note": NOTE if fake else "real devices: images/s across N is the data-parallel speed-up",
+                "scaling": scaling,
+                "checkpoint": {
+                    "what": "checkpoint.save(state with the chapters' SGD, totals, meta) then wait_until_finished; "
+                    "blocking = until save() returns (the loop goes on while Orbax writes)",
+                    "epoch": f"{steps_per_epoch} steps of {args.batch_size} (mnist_10k's 8000 training images) "
+                    f"at the {counts[0]}-device step time",
+                    "directory": tempfile.gettempdir(),
+                    **checkpoints,
+                },
+                "load_average": os.getloadavg(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
