@@ -261,6 +261,7 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         _truncate_metrics(workdir / "metrics.jsonl", keep_epochs=start_epoch)
 
     history = _read_metrics(workdir / "metrics.jsonl") if is_writer else []
+    bound_in_flight = devices[0].platform == "cpu" and jax.local_device_count() > 1
     log = _Progress(steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
@@ -271,6 +272,10 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         images_seen = 0
         for batch_index, (images, labels) in enumerate(data.prefetch(batches, batch_sharding), start=start_batch):
             state, totals = train_step(state, totals, images, labels)
+            if bound_in_flight and batch_index % 8 == 7:
+                # XLA's CPU all-reduce between devices of one host aborts (40 s rendezvous
+                # timeout) when ~100 steps are queued; waiting costs nothing on a CPU.
+                jax.block_until_ready(totals)
             images_seen += args.batch_size
             step = epoch * steps_per_epoch + batch_index + 1
             done_in_epoch = batch_index + 1
