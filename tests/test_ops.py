@@ -511,7 +511,6 @@ def test_conv2d_keeps_low_precision_dtypes():
     assert ops.conv2d(x, w, jnp.ones(2, jnp.bfloat16), padding=1).dtype == jnp.bfloat16
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in ops.conv2d: mixed float dtypes reach lax and fail with TypeError")
 def test_conv2d_promotes_mixed_dtypes():
     y = ops.conv2d(np.ones((1, 3, 3, 1), np.float32), jnp.ones((1, 1, 1, 1), jnp.bfloat16))
     assert y.dtype == jnp.promote_types(jnp.float32, jnp.bfloat16)
@@ -686,8 +685,28 @@ def test_bad_arguments_raise_value_error(name):
         call()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in ops.min_pool2d: its errors are raised as 'max_pool2d: ...'")
 @pytest.mark.parametrize("call", [lambda: ops.min_pool2d(x4, 0), lambda: ops.min_pool2d(x4, 2, layout="CHWN")])
 def test_min_pool2d_errors_name_min_pool2d(call):
     with pytest.raises(ValueError, match=r"^min_pool2d: "):
         call()
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("window", [2, (2, 3)])
+def test_non_overlapping_max_pool_gradient_is_reduce_windows(layout, window):
+    """max_pool2d's reshape path for stride == window: the gradient of lax.reduce_window, ties included."""
+    x = np.random.default_rng(0).normal(size=(2, 7, 8, 3)).astype(np.float32)
+    x[:, :4, :4, :] = 0.0  # all-zero windows, as after a ReLU: the first element takes the gradient
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    kh, kw = (window, window) if isinstance(window, int) else window
+    dims = (1, kh, kw, 1) if layout == "NHWC" else (1, 1, kh, kw)
+    cotangent = np.random.default_rng(1).normal(size=ops.max_pool2d(x, window, layout=layout).shape)
+
+    def vjp(f):
+        y, pullback = jax.vjp(f, jnp.asarray(x))
+        return y, pullback(jnp.asarray(cotangent, y.dtype))[0]
+
+    y, grad = vjp(jax.jit(lambda x: ops.max_pool2d(x, window, layout=layout)))
+    y_ref, grad_ref = vjp(lambda x: lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID"))
+    chex.assert_trees_all_equal((y, grad), (y_ref, grad_ref))
