@@ -137,36 +137,40 @@ def main(model: str, defaults: dict, model_flags=lambda group: None, model_optio
         if args.num_processes and args.num_processes > 1:
             parser.error("several processes need one shared --workdir")
         args.workdir = f"runs/{defaults['entry']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _select_accelerator(parser, args.accelerator)
-    if args.coordinator:
-        import jax
-
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    _select_accelerator(parser, args.accelerator, args)
     with _StopFlag() as stop:
         return run(parser, args, name, options, stop)
 
 
-def _select_accelerator(parser, accelerator: str) -> None:
-    """Fixes JAX's platform before it starts a backend, or fails loudly: never a silent fallback."""
+def _select_accelerator(parser, accelerator: str, args) -> None:
+    """Fixes JAX's platform before any backend starts (and before jax.distributed), or fails loudly."""
     import jax
 
-    if accelerator == "auto":
+    platform_name = {"auto": None, "gpu": "cuda"}.get(accelerator, accelerator)
+    previous = jax.config.jax_platforms
+    if platform_name:
+        jax.config.update("jax_platforms", platform_name)
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not platform_name:
         return
-    platform_name = "cuda" if accelerator == "gpu" else accelerator
     try:
+        # Asks for that platform by name: an error if it is missing, even where backends already started.
         jax.devices(platform_name)
     except RuntimeError as error:
+        jax.config.update("jax_platforms", previous)
         parser.error(
             f"--accelerator {accelerator}: no {accelerator.upper()} is available to JAX here "
             f"({str(error).splitlines()[0]}); use --accelerator cpu or auto"
             + (", or install JAX's CUDA plugin: pip install -e '.[cuda]'" if accelerator == "gpu" else "")
         )
-    jax.config.update("jax_platforms", platform_name)
 
 
 def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
 
     from jaxcnn import checkpoint, data, models, train
 
@@ -194,6 +198,8 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
     is_writer = jax.process_index() == 0
 
     holds_run = (workdir / "config.json").exists() or (workdir / "checkpoints").exists()
+    if jax.process_count() > 1:  # process 0 decides: the others may look after it has started writing
+        holds_run = bool(multihost_utils.broadcast_one_to_all(np.int32(holds_run)))
     if holds_run and not args.resume:
         parser.error(
             f"--workdir {workdir} already holds a run; pass --resume to continue it, "
@@ -242,6 +248,8 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         "process_count": jax.process_count(),
     }
 
+    if args.resume and (workdir / "config.json").exists():
+        _check_same_run(parser, json.loads((workdir / "config.json").read_text()), config)
     mngr = checkpoint.manager(workdir / "checkpoints", keep=args.keep_checkpoints)
     start_epoch, start_batch = 0, 0
     if args.resume:
@@ -281,6 +289,9 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             done_in_epoch = batch_index + 1
             mid_epoch = done_in_epoch < steps_per_epoch
             stopping = stop.signal  # read once: a signal may land at any line
+            if jax.process_count() > 1:
+                # Hosts must agree, or one would save (a collective) alone: they do at log steps.
+                stopping = _agreed(stopping) if mid_epoch and done_in_epoch % args.log_every == 0 else 0
             save_now = mid_epoch and bool(stopping or (args.checkpoint_every and step % args.checkpoint_every == 0))
             if save_now or done_in_epoch % args.log_every == 0:
                 # One host sync per log interval: progress, and the divergence guard before any save.
@@ -293,8 +304,8 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
                 mngr.wait_until_finished()
                 return _stopped(stopping, f"at step {step}", parser)
         start_batch = 0
+        train_summary = train.summarize(totals)  # waits for the device: the epoch's time is all in
         train_seconds = time.perf_counter() - epoch_start
-        train_summary = train.summarize(totals)
         _check_finite(train_summary, mngr, workdir, args.lr)
 
         eval_totals = replicate(train.zero_totals())
@@ -324,9 +335,10 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             with open(workdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             _plot(history, workdir / "curves.png", title=f"{model_name} on {args.dataset}")
-        if stop.signal:
+        stopping = _agreed(stop.signal) if jax.process_count() > 1 else stop.signal
+        if stopping:
             mngr.wait_until_finished()
-            return _stopped(stop.signal, f"after epoch {epoch + 1}", parser)
+            return _stopped(stopping, f"after epoch {epoch + 1}", parser)
 
     mngr.wait_until_finished()
     checkpoint.save_model(workdir / "model", state.params, state.batch_stats)
@@ -343,6 +355,27 @@ def _stopped(signum: int, where: str, parser) -> int:
     _say(f"\nstopped by {signal.Signals(signum).name} {where}; checkpoint saved. "
          f"Resume with: {parser.prog} {shlex.join(argv)}")
     return 128 + signum
+
+
+# What a resumed run must share with the run it continues (--epochs may grow).
+RESUME_KEYS = ("model", "model_options", "dataset", "train_examples", "image_size", "batch_size",
+               "steps_per_epoch", "optimizer", "lr", "schedule", "warmup_epochs", "weight_decay", "seed", "dtype")
+
+
+def _check_same_run(parser, saved: dict, config: dict) -> None:
+    changed = [f"{key} was {saved.get(key)!r}, now {config.get(key)!r}"
+               for key in RESUME_KEYS if saved.get(key) != config.get(key)]
+    if changed:
+        parser.error("--resume continues the run in --workdir with its own settings, but "
+                     + "; ".join(changed) + ". Pass the same flags (only --epochs may change)")
+
+
+def _agreed(signum: int) -> int:
+    """The stop signal any process got (0 if none), the same on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(signum))))
 
 
 def _check_finite(summary, mngr, workdir, lr) -> None:

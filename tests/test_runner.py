@@ -263,3 +263,10 @@ def test_two_processes_train_together(reference, tmp_path):
     assert config["process_count"] == 2 and len(config["devices"]) == 2
     assert "epoch 2:" in outputs[0] and "epoch 2:" not in outputs[1]  # only process 0 reports
     assert_close_metrics(metrics(tmp_path), metrics(reference))
+
+
+def test_resume_refuses_other_settings(reference, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_lenet(reference, "--epochs", "3", "--resume", "--lr", "0.01")
+    assert exit_info.value.code == 2
+    assert "lr was 0.003, now 0.01" in capsys.readouterr().err
