@@ -255,7 +255,8 @@ def conv2d(
     how = _lowering.mode(fn, lowering)
     x, w = _as_float(x), _as_float(w)
     # Mixed dtypes promote, as jnp.dot and nnx.Conv do (lax alone would raise a TypeError).
-    x, w = x.astype(jnp.promote_types(x.dtype, w.dtype)), w.astype(jnp.promote_types(x.dtype, w.dtype))
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
     _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
     _check_rank(fn, "w", w, 4, "(kh, kw, C/groups, O)" if layout == "NHWC" else "(O, C/groups, kh, kw)")
     if not isinstance(groups, (int, np.integer)) or groups < 1:
@@ -299,9 +300,7 @@ def conv2d(
         y = _lowering.conv2d_matmul(x, w, stride=stride, padding=pads, dilation=dilation, precision=precision)
         return y if layout == "NHWC" else y.transpose(0, 3, 1, 2)
 
-    # lax rejects mixed dtypes (TypeError) where jnp.dot would promote: keep
-    # that behaviour independent of the lowering by leaving them to XLA.
-    if how == "xla" or groups != 1 or x.dtype != w.dtype:
+    if how == "xla" or groups != 1:
         y = xla(x, w)
     elif how == "matmul":
         y = matmul(x, w)
@@ -384,7 +383,8 @@ def _windows_last(x, window, axes):
 def _tiled_max_fwd(x, window, axes):
     tiles = _windows_last(x, window, axes)
     # The gradient goes to the first maximum of each window, as PyTorch's and reduce_window's do.
-    return tiles.max(-1), (jnp.argmax(tiles, -1), x.shape)
+    first_max = jnp.argmax(tiles, -1)
+    return jnp.take_along_axis(tiles, first_max[..., None], -1)[..., 0], (first_max, x.shape)
 
 
 def _tiled_max_bwd(window, axes, residual, g):

@@ -17,7 +17,9 @@ class LeNet(nnx.Module):
 
     activation ("sigmoid", "relu") and pooling ("avg", "max") are the
     chapter's exercises. batch_norm puts BatchNorm after each conv and the
-    first two dense layers, before the activation, as d2l's BNLeNet.
+    first two dense layers, before the activation, as d2l's BNLeNet; unlike
+    BNLeNet, conv1 keeps LeNet's padding 2, so both variants have the same
+    feature-map shapes (BNLeNet's dense layer sees 16x4x4, this one 16x5x5).
     """
 
     def __init__(
