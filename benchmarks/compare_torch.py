@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-# name: (jaxcnn registry name, image size)
-MODELS = {"lenet": ("lenet", 28), "resnet18_32": ("resnet18", 32), "resnet18_96": ("resnet18", 96)}
+# name: (jaxcnn registry name, image size, train steps per timed repeat: about a second's worth)
+MODELS = {"lenet": ("lenet", 28, 40), "resnet18_32": ("resnet18", 32, 4), "resnet18_96": ("resnet18", 96, 1)}
 # ResNet-18's distinct convs at input size s: (name, H = W, C, O, k, stride, padding).
 RESNET18_CONVS = lambda s: [  # noqa: E731
     ("stem", s, 1, 64, 7, 2, 3),
@@ -56,14 +56,14 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    parser.add_argument("--steps", type=int, default=3, help="train steps per timed repeat")
+    parser.add_argument("--steps", type=int, default=None, help="train steps per timed repeat (default: per model)")
     parser.add_argument("--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
     if unknown := [m for m in args.models if m not in MODELS]:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    if min(args.batch_size, args.threads, args.repeats, args.steps) < 1:
+    if min(args.batch_size, args.threads, args.repeats, args.steps or 1) < 1:
         parser.error("--batch-size, --threads, --repeats and --steps must be positive")
     return args
 
@@ -212,15 +212,17 @@ def bench_models(args) -> dict:
     rng = np.random.default_rng(0)
     results = {}
     for name in args.models:
-        size = MODELS[name][1]
+        _, size, steps = MODELS[name]
+        steps = args.steps or steps
         images = rng.integers(0, 256, (args.batch_size, size, size, 1), dtype=np.uint8)
         labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
-        fns = {"jaxcnn": jax_train_step(name, size, images, labels, args.steps),
-               "torch": torch_train_step(name, images, labels, args.steps)}  # fmt: skip
+        fns = {"jaxcnn": jax_train_step(name, size, images, labels, steps),
+               "torch": torch_train_step(name, images, labels, steps)}  # fmt: skip
         t = interleaved_medians(fns, args.repeats)
-        ips = {k: args.batch_size * args.steps / v for k, v in t.items()}
+        ips = {k: args.batch_size * steps / v for k, v in t.items()}
         results[name] = {
             "image_size": size,
+            "steps_per_repeat": steps,
             "jaxcnn_images_per_s": round(ips["jaxcnn"], 1),
             "torch_images_per_s": round(ips["torch"], 1),
             "ratio": round(ips["jaxcnn"] / ips["torch"], 3),
@@ -280,13 +282,14 @@ def bench_conv(n, h, c, o, k, stride, padding, input_grad: bool, repeats: int) -
 
 
 def bench_convs(args, peak: float) -> list:
-    rows = []
+    rows, lowering = [], _lowering.mode("compare_torch", None)
     for size in args.conv_sizes:
         for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
             ho = (h + 2 * padding - k) // stride + 1
             row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
                    "stride": stride, "padding": padding, "output_hw": ho,
-                   "lowering_auto": "matmul" if _lowering.prefers_matmul(c, (k, k), (stride, stride)) else "xla"}  # fmt: skip
+                   "lowering": lowering if lowering != "auto" else
+                   "matmul" if _lowering.prefers_matmul(c, (k, k), (stride, stride)) else "xla"}  # fmt: skip
             row |= bench_conv(args.batch_size, h, c, o, k, stride, padding, name != "stem", args.repeats)
             for key in [k for k in row if k.endswith("_gflops")]:
                 row[key.replace("_gflops", "_peak_fraction")] = round(row[key] / peak, 3)
@@ -300,11 +303,10 @@ def main():
     print(json.dumps({"matmul_peak_gflops": round(peak, 1)}), file=sys.stderr, flush=True)
     result = {
         "benchmark": "compare_torch",
-        "lowering": os.environ.get("JAXCNN_CONV_LOWERING", "auto"),
+        "lowering": _lowering.mode("compare_torch", None),
         "threads": ARGS.threads,
         "batch_size": ARGS.batch_size,
         "repeats": ARGS.repeats,
-        "steps_per_repeat": ARGS.steps,
         "jax": jax.__version__,
         "torch": torch.__version__,
         "backend": jax.default_backend(),
