@@ -13,8 +13,9 @@ with the same batch, shapes and plain SGD:
           forward+backward (gradients of x, w and b; none of x for the stem,
           which sees the data) of `ops.conv2d` and F.conv2d, with GFLOP/s and
           the fraction of the matrix-product peak (a large jnp.dot) they reach.
-Times are medians over --repeats after warm-up, jaxcnn and torch alternating so
-a busy machine slows both alike. ratio = jaxcnn images/s / torch images/s, and
+Times are medians over --repeats after warm-up, jaxcnn and torch taking turns
+(each turn about a quarter second of back-to-back calls) so a busy machine
+slows both alike. ratio = jaxcnn images/s / torch images/s, and
 torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
 (or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -31,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-# name: (jaxcnn registry name, image size, train steps per timed repeat: about a second's worth)
-MODELS = {"lenet": ("lenet", 28, 40), "resnet18_32": ("resnet18", 32, 4), "resnet18_96": ("resnet18", 96, 1)}
+# name: (jaxcnn registry name, image size)
+MODELS = {"lenet": ("lenet", 28), "resnet18_32": ("resnet18", 32), "resnet18_96": ("resnet18", 96)}
 # ResNet-18's distinct convs at input size s: (name, H = W, C, O, k, stride, padding).
 RESNET18_CONVS = lambda s: [  # noqa: E731
     ("stem", s, 1, 64, 7, 2, 3),
@@ -56,14 +58,14 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    parser.add_argument("--steps", type=int, default=None, help="train steps per timed repeat (default: per model)")
+    parser.add_argument("--steps", type=int, default=1, help="train steps per call")
     parser.add_argument("--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
     if unknown := [m for m in args.models if m not in MODELS]:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    if min(args.batch_size, args.threads, args.repeats, args.steps or 1) < 1:
+    if min(args.batch_size, args.threads, args.repeats, args.steps) < 1:
         parser.error("--batch-size, --threads, --repeats and --steps must be positive")
     return args
 
@@ -147,16 +149,24 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds of each zero-argument fn (which must block until done), run round-robin."""
-    for fn in fns.values():
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: float = 0.25) -> dict:
+    """Median seconds per call of each zero-argument fn (which must block until done).
+
+    Each sample times enough back-to-back calls to last about sample_s, and
+    the fns take turns sample by sample. Idle worker threads of either
+    library sleep, and on this VM waking them costs up to ~10 ms: a single
+    short call after the other library's turn would mostly time that.
+    """
+    calls = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        calls[name] = max(1, math.ceil(sample_s / seconds(fn)))
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            time.sleep(0.05)  # let the other library's spinning worker threads go to sleep
-            times[name].append(seconds(fn))
+            k = calls[name]
+            times[name].append(seconds(lambda: [fn() for _ in range(k)]) / k)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -212,8 +222,7 @@ def bench_models(args) -> dict:
     rng = np.random.default_rng(0)
     results = {}
     for name in args.models:
-        _, size, steps = MODELS[name]
-        steps = args.steps or steps
+        size, steps = MODELS[name][1], args.steps
         images = rng.integers(0, 256, (args.batch_size, size, size, 1), dtype=np.uint8)
         labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
         fns = {"jaxcnn": jax_train_step(name, size, images, labels, steps),
@@ -222,7 +231,6 @@ def bench_models(args) -> dict:
         ips = {k: args.batch_size * steps / v for k, v in t.items()}
         results[name] = {
             "image_size": size,
-            "steps_per_repeat": steps,
             "jaxcnn_images_per_s": round(ips["jaxcnn"], 1),
             "torch_images_per_s": round(ips["torch"], 1),
             "ratio": round(ips["jaxcnn"] / ips["torch"], 3),
@@ -307,6 +315,7 @@ def main():
         "threads": ARGS.threads,
         "batch_size": ARGS.batch_size,
         "repeats": ARGS.repeats,
+        "steps_per_call": ARGS.steps,
         "jax": jax.__version__,
         "torch": torch.__version__,
         "backend": jax.default_backend(),

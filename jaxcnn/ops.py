@@ -244,11 +244,13 @@ def conv2d(
     lowering: "auto", "xla" or "matmul"; None reads $JAXCNN_CONV_LOWERING
     when conv2d runs or is traced (a jitted function keeps the lowering it
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
-    "matmul" is patches @ kernel, one matrix product (`jaxcnn._lowering`).
-    "auto" takes the product on CPU where XLA's convolution is slow (1x1
-    kernels, small maps) and XLA's convolution everywhere else, GPU and TPU
-    included. Grouped convolutions always use XLA's. All give the same
-    values and gradients within float rounding; "xla" measures the gain.
+    "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
+    "auto" takes the products on CPU, where XLA's convolution and above all
+    its gradients are slow (up to 300x on 2x2 and 1x1 maps), except for
+    strided kernels on inputs of fewer than 8 channels (a stem), and XLA's
+    convolution on GPU and TPU. Grouped convolutions always use XLA's. All
+    give the same values and gradients within float rounding; "xla"
+    measures the gain.
     """
     fn = "conv2d"
     _check_layout(fn, layout)
