@@ -31,7 +31,8 @@ def _conv(case):
     """The case as f(x, kernel[, b]), its arguments, and conv_cost's answer."""
     c_i, h, w, c_o, k, padding, stride, groups, bias = case
     args = tuple(_normal(0, (1, h, w, c_i), (k, k, c_i // groups, c_o), *([(c_o,)] if bias else [])))
-    f = lambda *args: ops.conv2d(*args, stride=stride, padding=padding, groups=groups)
+    # XLA's own convolution, whose flops XLA counts: the CPU matmul lowering also multiplies padding.
+    f = lambda *args: ops.conv2d(*args, stride=stride, padding=padding, groups=groups, lowering="xla")
     cost = analysis.conv_cost(c_i, h, w, c_o, k, k, padding=padding, stride=stride, groups=groups, bias=bias)
     return f, args, cost
 
