@@ -59,7 +59,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
-    parser.add_argument("--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto")
+    parser.add_argument(
+        "--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto"
+    )
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
@@ -166,7 +168,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: floa
     for _ in range(repeats):
         for name, fn in fns.items():
             k = calls[name]
-            times[name].append(seconds(lambda: [fn() for _ in range(k)]) / k)
+            times[name].append(seconds(lambda fn=fn, k=k: [fn() for _ in range(k)]) / k)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -119,7 +119,12 @@ def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.
     def conv(xc):  # (C, H, W, chunk) -> (O, Ho, Wo, chunk)
         xp = lax.pad(xc, jnp.zeros((), x.dtype), pads)
         views = [
-            lax.slice(xp, (0, i * dh, j * dw, 0), (c, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xc.shape[3]), (1, sh, sw, 1))
+            lax.slice(
+                xp,
+                (0, i * dh, j * dw, 0),
+                (c, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xc.shape[3]),
+                (1, sh, sw, 1),
+            )
             for i in range(kh)
             for j in range(kw)
         ]
@@ -142,7 +147,9 @@ def _patches_dot(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
     n = xp.shape[0]
     # One strided view per kernel tap, in w's (kh, kw, C) row order.
     views = [
-        lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        lax.slice(
+            xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+        )
         for i in range(kh)
         for j in range(kw)
     ]
@@ -179,7 +186,7 @@ def _dense(x, w, out_hw, stride, dilation, top_left, precision) -> jax.Array:
     """The convolution as one (H * W * C, Ho * Wo * O) matrix: block (input pixel, output pixel) is
     the kernel tap joining them, or zero."""
     n, h, wd, c = x.shape
-    kh, kw, _, o = w.shape
+    o = w.shape[3]
     zero = jnp.zeros((c, o), w.dtype)
 
     def tap(q, r, axis):  # the kernel tap along `axis` that output r reads input q with, if any

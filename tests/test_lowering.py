@@ -45,7 +45,12 @@ def case_args(name, seed=0, dtype=np.float32):
 
 
 def conv(lowering, kwargs):
-    return jax.jit(functools.partial(ops.conv2d, **kwargs, precision=HIGHEST, lowering=lowering))
+    return jax.jit(conv_fn(lowering, kwargs))
+
+
+def conv_fn(lowering, kwargs):
+    """ops.conv2d with these keywords and lowering, at full float32 precision."""
+    return functools.partial(ops.conv2d, **kwargs, precision=HIGHEST, lowering=lowering)
 
 
 def compiled_hlo(f, *shapes):
@@ -71,7 +76,9 @@ def test_gradients_equal_xla(name):
     cotangent = np.random.default_rng(1).normal(size=y_shape).astype(np.float32)
 
     def grads(lowering):
-        loss = lambda x, w, b: jnp.vdot(ops.conv2d(x, w, b, **kwargs, precision=HIGHEST, lowering=lowering), cotangent)
+        def loss(x, w, b):
+            return jnp.vdot(conv_fn(lowering, kwargs)(x, w, b), cotangent)
+
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
 
     got, want = grads("matmul"), grads("xla")
@@ -103,20 +110,18 @@ def test_matmul_gradients_match_finite_differences(name):
     ],
 )
 def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
-    f = lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering)
-    hlo = compiled_hlo(f, x_shape, w_shape)
+    hlo = compiled_hlo(functools.partial(ops.conv2d, **kwargs, lowering=lowering), x_shape, w_shape)
     assert ("convolution(" in hlo) == uses_conv
     assert ("dot(" in hlo) != uses_conv
 
 
 def test_environment_switch_read_at_trace_time(monkeypatch):
     # A fresh function each time: jit caches a traced function, lowering and all.
-    f = lambda: lambda x, w: ops.conv2d(x, w, padding=1)
     shapes = (2, 2, 2, 8), (3, 3, 8, 4)
     monkeypatch.setenv(_lowering.ENV_VAR, "xla")
-    assert "convolution(" in compiled_hlo(f(), *shapes)
+    assert "convolution(" in compiled_hlo(functools.partial(ops.conv2d, padding=1), *shapes)
     monkeypatch.setenv(_lowering.ENV_VAR, "matmul")
-    assert "convolution(" not in compiled_hlo(f(), *shapes)
+    assert "convolution(" not in compiled_hlo(functools.partial(ops.conv2d, padding=1), *shapes)
     # The keyword wins over the environment.
     assert "convolution(" in compiled_hlo(lambda x, w: ops.conv2d(x, w, padding=1, lowering="xla"), *shapes)
 
@@ -147,8 +152,11 @@ def test_chunked_batches_equal_xla(monkeypatch, name):
     x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering="matmul"), x.shape, w.shape)
     assert_close(conv("matmul", kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
-    loss = lambda lowering: lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, **kwargs, precision=HIGHEST, lowering=lowering)))
-    for g, h in zip(jax.jit(jax.grad(loss("matmul"), (0, 1)))(x, w), jax.jit(jax.grad(loss("xla"), (0, 1)))(x, w)):
+
+    def grads(lowering):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_fn(lowering, kwargs)(x, w))), (0, 1)))(x, w)
+
+    for g, h in zip(grads("matmul"), grads("xla")):
         # A weight gradient sums hundreds of products, over 2 or 3 chunks here.
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
 
@@ -170,8 +178,11 @@ def test_live_taps(n, k, stride, dilation, lo, out, live):
 def test_forward_mode_and_per_example_gradients():
     """The lowering keeps jax.jvp (custom_jvp, not custom_vjp) and vmap of grad working."""
     x, w, _, kwargs = case_args("3x3_strided")
-    f = lambda lowering: lambda x, w: ops.conv2d(x, w, **kwargs, precision=HIGHEST, lowering=lowering)
     tangents = (np.ones_like(x), np.ones_like(w))
-    assert_close(jax.jvp(f("matmul"), (x, w), tangents)[1], jax.jvp(f("xla"), (x, w), tangents)[1])
-    per_example = lambda lowering: jax.vmap(jax.grad(lambda xi, w: jnp.sum(f(lowering)(xi[None], w) ** 2), 1), (0, None))
+    jvp = {lowering: jax.jvp(conv_fn(lowering, kwargs), (x, w), tangents)[1] for lowering in ("matmul", "xla")}
+    assert_close(jvp["matmul"], jvp["xla"])
+
+    def per_example(lowering):
+        return jax.vmap(jax.grad(lambda xi, w: jnp.sum(conv_fn(lowering, kwargs)(xi[None], w) ** 2), 1), (0, None))
+
     assert_close(per_example("matmul")(x, w), per_example("xla")(x, w))
