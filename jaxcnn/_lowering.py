@@ -77,7 +77,7 @@ def conv2d_matmul(x, w, *, stride, padding, dilation, precision=None) -> jax.Arr
     ho = (h + top + bottom - (w.shape[0] - 1) * dh - 1) // sh + 1
     wo = (wd + left + right - (w.shape[1] - 1) * dw - 1) // sw + 1
     live = _live_taps(h, w.shape[0], sh, dh, top, ho), _live_taps(wd, w.shape[1], sw, dw, left, wo)
-    if None in live:  # every output reads only padding
+    if None in live or n == 0:  # every output reads only padding, or there are none
         return jnp.zeros((n, ho, wo, w.shape[3]), jnp.result_type(x, w))
     (i0, i1), (j0, j1) = live
     w = w[i0 : i1 + 1, j0 : j1 + 1]

@@ -126,6 +126,12 @@ def test_environment_switch_read_at_trace_time(monkeypatch):
     assert "convolution(" in compiled_hlo(lambda x, w: ops.conv2d(x, w, padding=1, lowering="xla"), *shapes)
 
 
+@pytest.mark.parametrize("channels", [3, 8])  # batch-minor and plain patches
+def test_empty_batch(channels):
+    x, w = np.ones((0, 5, 5, channels), np.float32), np.ones((3, 3, channels, 4), np.float32)
+    chex.assert_shape(ops.conv2d(x, w, padding=1, lowering="matmul"), (0, 5, 5, 4))
+
+
 def test_bad_lowering(monkeypatch):
     x, w = np.ones((1, 3, 3, 1), np.float32), np.ones((1, 1, 1, 1), np.float32)
     with pytest.raises(ValueError, match=r"^conv2d: lowering must be one of .*'fast'"):
