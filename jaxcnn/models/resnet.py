@@ -108,14 +108,14 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.in_channels = in_channels
-
-        def block(cin, cout, use_1x1conv, strides):
-            return Residual(cin, cout, use_1x1conv, strides, dtype=dtype, rngs=rngs)
-
         stem = b1(in_channels, dtype=dtype, rngs=rngs)
-        body = stages(arch, block)
+        body = stages(arch, lambda *args: self.block(*args, dtype=dtype, rngs=rngs))
         self.net = nnx.Sequential(stem, *body, head(arch[-1][1], num_classes, dtype=dtype, rngs=rngs))
 
+    def block(self, cin, cout, use_1x1conv, strides, *, dtype, rngs) -> nnx.Module:
+        """One block of a stage; ResNeXt overrides it."""
+        return Residual(cin, cout, use_1x1conv, strides, dtype=dtype, rngs=rngs)
+
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        layers.check_input("ResNet", x, self.in_channels)
+        layers.check_input(type(self).__name__, x, self.in_channels)
         return self.net(x, rngs=rngs).astype(jnp.float32)

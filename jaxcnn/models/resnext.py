@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxcnn import layers
-from jaxcnn.models.resnet import b1, head, stages
+from jaxcnn.models.resnet import ResNet
 
 # d2l's ResNeXt settings (its RegNetX-32 in 8.8): groups=16, bot_mul=1,
 # here on ResNet-18's stages so that it compares with ResNet-18.
@@ -71,7 +70,7 @@ class ResNeXtBlock(nnx.Module):
         return jax.nn.relu(y + x)
 
 
-class ResNeXt(nnx.Module):
+class ResNeXt(ResNet):
     """ResNet's b1 and head around stages of ResNeXtBlocks, with ResNet's downsampling rule."""
 
     def __init__(
@@ -86,15 +85,9 @@ class ResNeXt(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        self.in_channels = in_channels
+        self.groups, self.bot_mul = groups, bot_mul
+        super().__init__(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                         dtype=dtype, rngs=rngs)
 
-        def block(cin, cout, use_1x1conv, strides):
-            return ResNeXtBlock(cin, cout, groups, bot_mul, use_1x1conv, strides, dtype=dtype, rngs=rngs)
-
-        stem = b1(in_channels, dtype=dtype, rngs=rngs)
-        body = stages(arch, block)
-        self.net = nnx.Sequential(stem, *body, head(arch[-1][1], num_classes, dtype=dtype, rngs=rngs))
-
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        layers.check_input("ResNeXt", x, self.in_channels)
-        return self.net(x, rngs=rngs).astype(jnp.float32)
+    def block(self, cin, cout, use_1x1conv, strides, *, dtype, rngs) -> nnx.Module:
+        return ResNeXtBlock(cin, cout, self.groups, self.bot_mul, use_1x1conv, strides, dtype=dtype, rngs=rngs)
