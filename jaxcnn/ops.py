@@ -7,8 +7,10 @@ stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 
 Everything lowers to `jax.lax.conv_general_dilated` and
 `jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
-CPU convolution is slow: there `conv2d` is patches and one matrix product
-(`jaxcnn._lowering`; its `lowering=` switch picks). Every public function
+CPU is slow: there `conv2d` is patches and one matrix product
+(`jaxcnn._lowering`; its `lowering=` switch picks), and max pooling is
+differentiated through a reshape or strided views of its input rather than
+reduce_window's select-and-scatter. Every public function
 checks its arguments and raises `ValueError` naming the function, the argument
 and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
 `jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
@@ -364,10 +366,61 @@ def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
         (ho, wo), (kh, kw) = g["out_hw"], g["window"]
         x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
         return _tiled_max(x, (kh, kw), (ah, aw))
-    return lax.reduce_window(x, -jnp.inf, lax.max, win, strides, pads)
+    reduce = functools.partial(lax.reduce_window, init_value=-jnp.inf, computation=lax.max)
+    if math.prod(g["window"]) > MAX_SLICED_TAPS:
+        return reduce(x, window_dimensions=win, window_strides=strides, padding=pads)
+    # Overlapping windows (ResNet's 3x3/2, padded): on CPU a gradient through strided views,
+    # 4-5x faster to train through than select-and-scatter; GPUs and TPUs keep reduce_window.
+    sliced = functools.partial(_sliced_max, window=win, strides=strides, pads=pads)
+    return lax.platform_dependent(
+        x, cpu=sliced, default=lambda x: reduce(x, window_dimensions=win, window_strides=strides, padding=pads)
+    )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+# Windows of up to this many taps take `_sliced_max` (each tap is one view of the input).
+MAX_SLICED_TAPS = 25
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _sliced_max(x, window, strides, pads):
+    """Max pooling (4-D window, strides, pads as reduce_window takes them) differentiated
+    through one strided view of the padded input per window tap.
+
+    The value is reduce_window's, which XLA's CPU runs faster than a max of views when
+    no derivative is wanted. The JVP records which tap held each window's first maximum
+    and picks the tangent's view there; its transpose, the gradient, adds each tap's
+    share back as a padded, interior-dilated copy, one fused loop where reduce_window's
+    select-and-scatter gradient runs element by element.
+    """
+    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
+
+
+def _tap_views(x, fill, window, strides, pads):
+    """The input padded with `fill`: its strided view for each window tap, in row-major window order."""
+    xp = lax.pad(x, jnp.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    out = [(n - k) // s + 1 for n, k, s in zip(xp.shape, window, strides)]
+    for tap in np.ndindex(*window):
+        yield lax.slice(xp, tap, [t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides)], strides)
+
+
+@_sliced_max.defjvp
+def _sliced_max_jvp(window, strides, pads, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = first_max = None
+    index_dtype = jnp.int8 if math.prod(window) <= 127 else jnp.int32
+    for index, view in enumerate(_tap_views(x, -jnp.inf, window, strides, pads)):
+        if y is None:
+            y, first_max = view, jnp.zeros(view.shape, index_dtype)
+        else:
+            # Strictly greater: ties keep the earlier tap, as reduce_window's gradient and PyTorch's do.
+            first_max = jnp.where(view > y, jnp.asarray(index, index_dtype), first_max)
+            y = jnp.maximum(y, view)  # NaN propagates, as in reduce_window
+    views = _tap_views(dx, 0, window, strides, pads)
+    dy = sum(jnp.where(first_max == index, view, 0) for index, view in enumerate(views))
+    return y, dy
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _tiled_max(x, window, axes):
     return _windows_last(x, window, axes).max(-1)
 
@@ -382,24 +435,15 @@ def _windows_last(x, window, axes):
     return tiles.reshape(*tiles.shape[:-2], kh * kw)
 
 
-def _tiled_max_fwd(x, window, axes):
+@_tiled_max.defjvp
+def _tiled_max_jvp(window, axes, primals, tangents):
+    (x,), (dx,) = primals, tangents
     tiles = _windows_last(x, window, axes)
-    # The gradient goes to the first maximum of each window, as PyTorch's and reduce_window's do.
-    first_max = jnp.argmax(tiles, -1)
-    return jnp.take_along_axis(tiles, first_max[..., None], -1)[..., 0], (first_max, x.shape)
-
-
-def _tiled_max_bwd(window, axes, residual, g):
-    first_max, shape = residual
-    (ah, aw), (kh, kw) = axes, window
-    spread = jnp.where(jnp.arange(kh * kw) == first_max[..., None], g[..., None], 0).astype(g.dtype)
-    spread = spread.reshape(*spread.shape[:-1], kh, kw)
-    # Back from (..., H/kh, ..., W/kw, ..., kh, kw) to (..., H, ..., W, ...).
-    spread = jnp.moveaxis(spread, (-2, -1), (ah + 1, aw + 2))
-    return (spread.reshape(shape),)
-
-
-_tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
+    # The derivative follows each window's first maximum, as PyTorch's and reduce_window's do.
+    at_first_max = jnp.arange(tiles.shape[-1]) == jnp.argmax(tiles, -1)[..., None]
+    # A masked sum, not a gather: its transpose (the gradient) is a select, not a scatter.
+    dy = jnp.where(at_first_max, _windows_last(dx, window, axes), 0).sum(-1)
+    return tiles.max(-1), dy
 
 
 def avg_pool2d(

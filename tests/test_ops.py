@@ -691,22 +691,37 @@ def test_min_pool2d_errors_name_min_pool2d(call):
         call()
 
 
+MAX_POOL_PATHS = [
+    # (window, stride, padding, ceil_mode): the reshape path for non-overlapping windows ...
+    (2, None, 0, False),
+    ((2, 3), None, 0, False),
+    # ... and the strided views for overlapping ones: ResNet's, and partial windows.
+    (3, 2, 1, False),
+    ((3, 2), (1, 2), (1, 0), True),
+    (2, 1, 0, False),
+]
+
+
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("window", [2, (2, 3)])
-def test_non_overlapping_max_pool_gradient_is_reduce_windows(layout, window):
-    """max_pool2d's reshape path for stride == window: the gradient of lax.reduce_window, ties included."""
+@pytest.mark.parametrize("window, stride, padding, ceil_mode", MAX_POOL_PATHS)
+def test_max_pool_derivatives_are_reduce_windows(layout, window, stride, padding, ceil_mode):
+    """max_pool2d's own derivatives (reshape and strided-view paths): reduce_window's, ties included."""
     x = np.random.default_rng(0).normal(size=(2, 7, 8, 3)).astype(np.float32)
     x[:, :4, :4, :] = 0.0  # all-zero windows, as after a ReLU: the first element takes the gradient
     if layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
-    kh, kw = (window, window) if isinstance(window, int) else window
-    dims = (1, kh, kw, 1) if layout == "NHWC" else (1, 1, kh, kw)
-    cotangent = np.random.default_rng(1).normal(size=ops.max_pool2d(x, window, layout=layout).shape)
+    geometry = dict(stride=stride, padding=padding, ceil_mode=ceil_mode, layout=layout)
+    pool = jax.jit(lambda x: ops.max_pool2d(x, window, **geometry))
+    # The window, strides and padding reduce_window needs; padding is checked against the twin elsewhere.
+    _, dims, strides, pads, _ = ops._pool_setup("max_pool2d", x, window, stride, padding, ceil_mode, layout)
+    pool_ref = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)  # noqa: E731
+    rng = np.random.default_rng(1)
+    cotangent = jnp.asarray(rng.normal(size=pool_ref(x).shape), jnp.float32)
+    tangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
-    def vjp(f):
+    def derivatives(f):
         y, pullback = jax.vjp(f, jnp.asarray(x))
-        return y, pullback(jnp.asarray(cotangent, y.dtype))[0]
+        return y, pullback(cotangent)[0], jax.jvp(f, (jnp.asarray(x),), (tangent,))[1]
 
-    y, grad = vjp(jax.jit(lambda x: ops.max_pool2d(x, window, layout=layout)))
-    y_ref, grad_ref = vjp(lambda x: lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID"))
-    chex.assert_trees_all_equal((y, grad), (y_ref, grad_ref))
+    # Overlapping windows add shares in another order: equal up to float rounding.
+    chex.assert_trees_all_close(derivatives(pool), derivatives(pool_ref), rtol=1e-6, atol=1e-6)
