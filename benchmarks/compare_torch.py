@@ -299,7 +299,7 @@ def bench_convs(args, peak: float) -> list:
             row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
                    "stride": stride, "padding": padding, "output_hw": ho,
                    "lowering": lowering if lowering != "auto" else
-                   "matmul" if _lowering.prefers_matmul(c, (k, k), (stride, stride)) else "xla"}  # fmt: skip
+                   _lowering.auto_choice(args.batch_size, c, (k, k), (stride, stride), (ho, ho))}  # fmt: skip
             row |= bench_conv(args.batch_size, h, c, o, k, stride, padding, name != "stem", args.repeats)
             for key in [k for k in row if k.endswith("_gflops")]:
                 row[key.replace("_gflops", "_peak_fraction")] = round(row[key] / peak, 3)

@@ -21,6 +21,11 @@ What keeps it fast:
 - Inputs with few channels (LeNet's) build their patches with the batch as
   the minor axis, so views copy in long runs.
 
+`conv2d_xla_forward` keeps XLA's convolution for the value and the input
+gradient, and makes only the weight gradient a product (patches @ dY with
+channel-major patches): for a strided stem over one image channel, where
+XLA's forward is the faster one and its weight gradient 2-3x slower.
+
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
 with `lax.platform_dependent`, resolved when lowered for the devices.
 """
@@ -47,6 +52,11 @@ MAX_DENSE_BLOCKS = 64
 # Inputs with fewer channels than this get batch-minor patches (narrow
 # views copy slowly), or XLA's convolution in "auto" when strided.
 MIN_CHANNELS = 8
+# Maps of at most this many output pixels always take the product (4x4 and smaller).
+SMALL_MAP = 16
+# Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
+WIDE_CHANNELS = 32
+MANY_ROWS = 4096
 
 
 def mode(fn: str, lowering: str | None) -> str:
@@ -58,10 +68,24 @@ def mode(fn: str, lowering: str | None) -> str:
     return chosen
 
 
-def prefers_matmul(channels: int, kernel_hw, stride) -> bool:
-    """Whether "auto" takes the matrix product on CPU (groups=1): all but strided kernels
-    on inputs with few channels (a ResNet stem), where XLA's convolution measured faster."""
-    return kernel_hw == (1, 1) or channels >= MIN_CHANNELS or stride == (1, 1)
+def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw) -> str:
+    """What "auto" computes on CPU (groups=1), from measurements on a 2-core AVX-512 machine:
+
+    "matmul"       1x1 kernels; maps of 4x4 and smaller, where XLA's convolution runs tens of
+                   times below the matrix-product rate; wide inputs (>= 32 channels) with many
+                   output rows, whose gradients run 1.2-2x faster as products; and stride-1
+                   kernels on inputs of few channels (LeNet's), as batch-minor patches.
+    "xla_forward"  strided kernels on inputs of few channels (a ResNet stem): XLA's forward
+                   pass is the faster one there, its weight gradient 2-3x slower than a product.
+    "xla"          the rest (8-31 channels, or few rows): patches cost more than they save.
+    """
+    if kernel_hw == (1, 1) or out_hw[0] * out_hw[1] <= SMALL_MAP:
+        return "matmul"
+    if channels < MIN_CHANNELS:
+        return "matmul" if stride == (1, 1) else "xla_forward"
+    if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
+        return "matmul"
+    return "xla"
 
 
 def _live_taps(n: int, k: int, stride: int, dilation: int, lo: int, out: int) -> tuple[int, int] | None:
@@ -206,3 +230,55 @@ def _divisor_near(n: int, chunk: int) -> int:
     """A chunk size near `chunk` that divides n if one is at least half as large (no remainder pass)."""
     best = max(d for d in range(1, chunk + 1) if n % d == 0)
     return best if 2 * best >= chunk else chunk
+
+
+def conv2d_xla_forward(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
+    """x (N, H, W, C), w (kh, kw, C, O) -> (N, Ho, Wo, O): XLA's convolution, whose weight
+    gradient is one matrix product with the input's patches (groups=1)."""
+    return _xla_forward(x, w, stride, padding, dilation, precision)
+
+
+def _xla_conv(x, w, stride, padding, dilation, precision):
+    return lax.conv_general_dilated(
+        x, w, stride, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _xla_forward(x, w, stride, padding, dilation, precision):
+    return _xla_conv(x, w, stride, padding, dilation, precision)
+
+
+def _xla_forward_jvp(stride, padding, dilation, precision, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    y = _xla_conv(x, w, stride, padding, dilation, precision)
+    terms = [] if isinstance(dx, SymbolicZero) else [_xla_conv(dx, w, stride, padding, dilation, precision)]
+    if not isinstance(dw, SymbolicZero):
+        # Linear in dw through the (kh * kw * C, N * Ho * Wo) patches; its transpose, the weight
+        # gradient, is patches @ dY, a product in natural layout.
+        kh, kw, c, o = w.shape
+        patches = _patches_t(x, (kh, kw), y.shape[1:3], stride, padding, dilation)
+        dy = lax.dot_general(patches, dw.reshape(kh * kw * c, o), (((0,), (0,)), ((), ())), precision=precision)
+        terms.append(dy.reshape(y.shape))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_xla_forward.defjvp(_xla_forward_jvp, symbolic_zeros=True)
+
+
+def _patches_t(x, kernel_hw, out_hw, stride, padding, dilation) -> jax.Array:
+    """The transposed patch matrix (kh * kw * C, N * Ho * Wo) of an input with few channels:
+    each kernel tap's view of the (C, N, H, W) input is a block of long rows."""
+    n, _, _, c = x.shape
+    (kh, kw), (ho, wo), (sh, sw), (dh, dw) = kernel_hw, out_hw, stride, dilation
+    xp = lax.pad(
+        jnp.moveaxis(x, 3, 0), jnp.zeros((), x.dtype), ((0, 0, 0), (0, 0, 0), *[(lo, hi, 0) for lo, hi in padding])
+    )
+    views = [
+        lax.slice(
+            xp, (0, 0, i * dh, j * dw), (c, n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1), (1, 1, sh, sw)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(views).reshape(kh * kw * c, n * ho * wo)

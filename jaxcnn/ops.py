@@ -113,11 +113,7 @@ def as_padding(
         return tuple(pads)
     if isinstance(padding, (int, np.integer)):
         pads = ((padding, padding), (padding, padding))
-    elif (
-        isinstance(padding, Sequence)
-        and len(padding) == 2
-        and all(isinstance(p, (int, np.integer)) for p in padding)
-    ):
+    elif isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
         pads = ((padding[0], padding[0]), (padding[1], padding[1]))
     elif (
         isinstance(padding, Sequence)
@@ -247,12 +243,13 @@ def conv2d(
     when conv2d runs or is traced (a jitted function keeps the lowering it
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
-    "auto" takes the products on CPU, where XLA's convolution and above all
-    its gradients are slow (up to 300x on 2x2 and 1x1 maps), except for
-    strided kernels on inputs of fewer than 8 channels (a stem), and XLA's
-    convolution on GPU and TPU. Grouped convolutions always use XLA's. All
-    give the same values and gradients within float rounding; "xla"
-    measures the gain.
+    "auto" picks by shape on CPU (`_lowering.auto_choice`): the products
+    where XLA's convolution and above all its gradients are slow (up to 300x
+    on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
+    with a product for the weight gradient on strided kernels over few
+    channels (a stem), and XLA's convolution for the rest; XLA's convolution
+    on GPU and TPU. Grouped convolutions always use XLA's. All give the same
+    values and gradients within float rounding; "xla" measures the gain.
     """
     fn = "conv2d"
     _check_layout(fn, layout)
@@ -298,21 +295,25 @@ def conv2d(
             precision=precision,
         )
 
-    def matmul(x, w):
-        if layout == "NCHW":
-            x, w = x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
-        y = _lowering.conv2d_matmul(x, w, stride=stride, padding=pads, dilation=dilation, precision=precision)
-        return y if layout == "NHWC" else y.transpose(0, 3, 1, 2)
+    def nhwc(lowered):  # one of _lowering's NHWC convolutions, in this layout
+        def conv(x, w):
+            if layout == "NCHW":
+                x, w = x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
+            y = lowered(x, w, stride=stride, padding=pads, dilation=dilation, precision=precision)
+            return y if layout == "NHWC" else y.transpose(0, 3, 1, 2)
+
+        return conv
 
     if how == "xla" or groups != 1:
         y = xla(x, w)
     elif how == "matmul":
-        y = matmul(x, w)
-    elif _lowering.prefers_matmul(c, (kh, kw), stride):
-        # Resolved when lowered: the product on CPU, XLA's convolution elsewhere.
-        y = lax.platform_dependent(x, w, cpu=matmul, default=xla)
+        y = nhwc(_lowering.conv2d_matmul)(x, w)
     else:
-        y = xla(x, w)
+        out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
+        choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw)
+        cpu = {"matmul": _lowering.conv2d_matmul, "xla_forward": _lowering.conv2d_xla_forward}.get(choice)
+        # Resolved when lowered: the choice on CPU, XLA's convolution elsewhere.
+        y = xla(x, w) if cpu is None else lax.platform_dependent(x, w, cpu=nhwc(cpu), default=xla)
     if b is not None:
         y = y + (b if layout == "NHWC" else b[:, None, None])
     return y
@@ -332,10 +333,7 @@ def _pool_setup(fn, x, window, stride, padding, ceil_mode, layout):
     window, stride, padding = _pool_geometry(fn, input_hw, window, stride, padding)
     out_hw = _pool_out(input_hw, window, stride, padding, ceil_mode)
     # ceil_mode may need extra padding past the end: the overhang.
-    pads = [
-        (p, max((o - 1) * s + k - n - p, 0))
-        for n, k, s, p, o in zip(input_hw, window, stride, padding, out_hw)
-    ]
+    pads = [(p, max((o - 1) * s + k - n - p, 0)) for n, k, s, p, o in zip(input_hw, window, stride, padding, out_hw)]
     full = lambda pair: tuple(pair[a] if a in (ah, aw) else 1 for a in range(4))
     win4 = full({ah: window[0], aw: window[1]})
     str4 = full({ah: stride[0], aw: stride[1]})

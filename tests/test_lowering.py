@@ -81,12 +81,14 @@ def test_gradients_equal_xla(name):
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
 
-    got, want = grads("matmul"), grads("xla")
-    chex.assert_trees_all_equal_shapes(got, (x, w, b))
-    for g, h, what in zip(got, want, ("x", "w", "b")):
-        if name != "only_padding":  # there x and w do not matter
-            assert np.abs(h).max() > 0, what  # a zero gradient would match anything
-        assert_close(g, h, err_msg=f"d/d{what}")
+    want = grads("xla")
+    for lowering in ("matmul", "auto"):
+        got = grads(lowering)
+        chex.assert_trees_all_equal_shapes(got, (x, w, b))
+        for g, h, what in zip(got, want, ("x", "w", "b")):
+            if name != "only_padding":  # there x and w do not matter
+                assert np.abs(h).max() > 0, what  # a zero gradient would match anything
+            assert_close(g, h, err_msg=f"{lowering}: d/d{what}")
 
 
 @pytest.mark.parametrize("name", ["1x1_strided", "asymmetric", "dilated", "nchw"])
@@ -107,12 +109,28 @@ def test_matmul_gradients_match_finite_differences(name):
         ("auto", (2, 5, 5, 3), (1, 1, 3, 4), dict(stride=2), False),  # 1x1: a dot, however few channels
         ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), False),  # LeNet's first layer: one channel
         ("auto", (2, 32, 32, 1), (7, 7, 1, 64), dict(stride=2, padding=3), True),  # ResNet's stem: strided
+        ("auto", (8, 32, 32, 16), (3, 3, 16, 32), dict(padding=1), True),  # 16 channels on a large map
+        ("auto", (8, 8, 8, 64), (3, 3, 64, 64), dict(padding=1), True),  # wide, but 512 rows
+        ("auto", (64, 8, 8, 64), (3, 3, 64, 64), dict(padding=1), False),  # wide, 4096 rows
+        ("auto", (8, 4, 4, 16), (3, 3, 16, 32), dict(padding=1), False),  # a 4x4 map
     ],
 )
 def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
     hlo = compiled_hlo(functools.partial(ops.conv2d, **kwargs, lowering=lowering), x_shape, w_shape)
     assert ("convolution(" in hlo) == uses_conv
     assert ("dot(" in hlo) != uses_conv
+
+
+def test_stem_weight_gradient_is_a_product():
+    """ "auto" on a strided kernel over few channels: XLA's convolution forward, and the weight
+    gradient as patches @ dY, not XLA's weight-gradient convolution."""
+    x_shape, w_shape, kwargs = (2, 32, 32, 1), (7, 7, 1, 64), dict(stride=2, padding=3)
+
+    def weight_grad(x, w):
+        return jax.grad(lambda w: jnp.sum(ops.conv2d(x, w, **kwargs, lowering="auto") ** 2))(w)
+
+    hlo = compiled_hlo(weight_grad, x_shape, w_shape)
+    assert hlo.count("convolution(") == 1 and "dot(" in hlo
 
 
 def test_environment_switch_read_at_trace_time(monkeypatch):
@@ -185,10 +203,13 @@ def test_forward_mode_and_per_example_gradients():
     """The lowering keeps jax.jvp (custom_jvp, not custom_vjp) and vmap of grad working."""
     x, w, _, kwargs = case_args("3x3_strided")
     tangents = (np.ones_like(x), np.ones_like(w))
-    jvp = {lowering: jax.jvp(conv_fn(lowering, kwargs), (x, w), tangents)[1] for lowering in ("matmul", "xla")}
-    assert_close(jvp["matmul"], jvp["xla"])
+    # "auto" takes XLA's forward and a product for the weight (a strided kernel on 3 channels).
+    lowerings = ("matmul", "auto", "xla")
+    jvp = {lowering: jax.jvp(conv_fn(lowering, kwargs), (x, w), tangents)[1] for lowering in lowerings}
 
     def per_example(lowering):
         return jax.vmap(jax.grad(lambda xi, w: jnp.sum(conv_fn(lowering, kwargs)(xi[None], w) ** 2), 1), (0, None))
 
-    assert_close(per_example("matmul")(x, w), per_example("xla")(x, w))
+    for lowering in ("matmul", "auto"):
+        assert_close(jvp[lowering], jvp["xla"], err_msg=lowering)
+        assert_close(per_example(lowering)(x, w), per_example("xla")(x, w), err_msg=lowering)
