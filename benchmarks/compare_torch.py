@@ -23,6 +23,7 @@ torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -164,11 +165,14 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: floa
         for _ in range(warmup):
             fn()
         calls[name] = max(1, math.ceil(sample_s / seconds(fn)))
+    def back_to_back(fn, k):
+        for _ in range(k):
+            fn()  # each result dropped at once: keeping k outputs alive times page faults on fresh memory
+
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            k = calls[name]
-            times[name].append(seconds(lambda fn=fn, k=k: [fn() for _ in range(k)]) / k)
+            times[name].append(seconds(functools.partial(back_to_back, fn, calls[name])) / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
