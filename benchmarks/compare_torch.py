@@ -15,7 +15,8 @@ with the same batch, shapes and plain SGD:
           the fraction of the matrix-product peak (a large jnp.dot) they reach.
 Times are medians over --repeats after warm-up, jaxcnn and torch taking turns
 (each turn about a quarter second of back-to-back calls) so a busy machine
-slows both alike. ratio = jaxcnn images/s / torch images/s, and
+slows both alike; each model and each conv size runs in a fresh process of
+its own. ratio = jaxcnn images/s / torch images/s, and
 torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
 (or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain.
 """
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,8 @@ def parse_args():
     parser.add_argument(
         "--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto"
     )
+    # Internal: the run a parent hands one model or one conv size, with its measured peak.
+    parser.add_argument("--child-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
@@ -165,6 +169,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: floa
         for _ in range(warmup):
             fn()
         calls[name] = max(1, math.ceil(sample_s / seconds(fn)))
+
     def back_to_back(fn, k):
         for _ in range(k):
             fn()  # each result dropped at once: keeping k outputs alive times page faults on fresh memory
@@ -312,9 +317,42 @@ def bench_convs(args, peak: float) -> list:
     return rows
 
 
+def in_children(args, peak: float) -> tuple[dict, list]:
+    """Each model and each conv size timed in a fresh process: XLA's CPU runtime ran a
+    ResNet-18 step 10-20% slower after another model's steps in the same process."""
+    models, convs = {}, []
+    jobs = [(["--models", m, "--conv-sizes", ""]) for m in args.models]
+    jobs += [(["--models", "", "--conv-sizes", str(size)]) for size in args.conv_sizes]
+    for job in jobs:
+        common = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            __file__,
+            *job,
+            *common,
+            "--steps",
+            str(args.steps),
+            "--child-peak-gflops",
+            str(peak),
+        ]
+        done = subprocess.run(command, stdout=subprocess.PIPE, check=True, text=True)  # its stderr streams through
+        child = json.loads(done.stdout)
+        models |= child["models"]
+        convs += child["convs"]
+    return models, convs
+
+
 def main():
-    peak = matmul_peak_gflops(ARGS.repeats)
-    print(json.dumps({"matmul_peak_gflops": round(peak, 1)}), file=sys.stderr, flush=True)
+    if ARGS.child_peak_gflops is None:
+        peak = matmul_peak_gflops(ARGS.repeats)
+        print(json.dumps({"matmul_peak_gflops": round(peak, 1)}), file=sys.stderr, flush=True)
+    else:
+        peak = ARGS.child_peak_gflops
+    start_load = round(os.getloadavg()[0], 2)
+    if ARGS.child_peak_gflops is None and len(ARGS.models) + len(ARGS.conv_sizes) > 1:
+        models, convs = in_children(ARGS, peak)
+    else:
+        models, convs = bench_models(ARGS), bench_convs(ARGS, peak)
     result = {
         "benchmark": "compare_torch",
         "lowering": _lowering.mode("compare_torch", None),
@@ -325,10 +363,10 @@ def main():
         "jax": jax.__version__,
         "torch": torch.__version__,
         "backend": jax.default_backend(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "load_average_1m_at_start": start_load,
         "matmul_peak_gflops": round(peak, 1),
-        "models": bench_models(ARGS),
-        "convs": bench_convs(ARGS, peak),
+        "models": models,
+        "convs": convs,
     }
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
