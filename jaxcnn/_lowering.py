@@ -23,7 +23,7 @@ What keeps it fast:
 
 `conv2d_xla_forward` keeps XLA's convolution for the value and the input
 gradient, and makes only the weight gradient a product (patches @ dY with
-channel-major patches): for a strided stem over one image channel, where
+channel-major patches): for a strided stem over a few image channels, where
 XLA's forward is the faster one and its weight gradient 2-3x slower.
 
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
@@ -50,10 +50,13 @@ CHUNK_BYTES = 4 * 2**20
 # the kernel is convolved as a dense matrix.
 MAX_DENSE_BLOCKS = 64
 # Inputs with fewer channels than this get batch-minor patches (narrow
-# views copy slowly), or XLA's convolution in "auto" when strided.
+# views copy slowly), or "xla_forward" in "auto" when strided.
 MIN_CHANNELS = 8
 # Maps of at most this many output pixels always take the product (4x4 and smaller).
 SMALL_MAP = 16
+# "xla_forward" builds the whole transposed patch matrix and keeps it for the backward
+# pass; past this many bytes (an RGB 7x7 stem at 224 px and batch 64) "auto" takes XLA's.
+MAX_XLA_FORWARD_PATCH_BYTES = 256 * 2**20
 # Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
 WIDE_CHANNELS = 32
 MANY_ROWS = 4096
@@ -71,18 +74,22 @@ def mode(fn: str, lowering: str | None) -> str:
 def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw) -> str:
     """What "auto" computes on CPU (groups=1), from measurements on a 2-core AVX-512 machine:
 
-    "matmul"       1x1 kernels; maps of 4x4 and smaller, where XLA's convolution runs tens of
+    "matmul"       1x1 kernels; maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
                    output rows, whose gradients run 1.2-2x faster as products; and stride-1
                    kernels on inputs of few channels (LeNet's), as batch-minor patches.
-    "xla_forward"  strided kernels on inputs of few channels (a ResNet stem): XLA's forward
-                   pass is the faster one there, its weight gradient 2-3x slower than a product.
+    "xla_forward"  strided kernels on inputs of fewer than 8 channels (a stem, grey or RGB):
+                   XLA's forward pass is the faster one there, its weight gradient 2-3x slower
+                   than a product; while the patch matrix fits MAX_XLA_FORWARD_PATCH_BYTES.
     "xla"          the rest (8-31 channels, or few rows): patches cost more than they save.
     """
     if kernel_hw == (1, 1) or out_hw[0] * out_hw[1] <= SMALL_MAP:
         return "matmul"
     if channels < MIN_CHANNELS:
-        return "matmul" if stride == (1, 1) else "xla_forward"
+        if stride == (1, 1):
+            return "matmul"
+        patch_bytes = 4 * kernel_hw[0] * kernel_hw[1] * channels * batch * out_hw[0] * out_hw[1]
+        return "xla_forward" if patch_bytes <= MAX_XLA_FORWARD_PATCH_BYTES else "xla"
     if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
         return "matmul"
     return "xla"
@@ -200,10 +207,15 @@ def _matmul_jvp(precision, primals, tangents):
     terms = [jnp.dot(da, b, precision=precision)] if not isinstance(da, SymbolicZero) else []
     if not isinstance(db, SymbolicZero):
         terms.append(jnp.dot(db.T, a.T, precision=precision).T)
-    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    return y, _sum_or_zeros(terms, y)
 
 
 _matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
+
+
+def _sum_or_zeros(terms: list, like) -> jax.Array:
+    """The sum of a JVP's tangent terms; zeros like `like` when every input's tangent was a symbolic zero."""
+    return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(like)
 
 
 def _dense(x, w, out_hw, stride, dilation, top_left, precision) -> jax.Array:
@@ -260,7 +272,7 @@ def _xla_forward_jvp(stride, padding, dilation, precision, primals, tangents):
         patches = _patches_t(x, (kh, kw), y.shape[1:3], stride, padding, dilation)
         dy = lax.dot_general(patches, dw.reshape(kh * kw * c, o), (((0,), (0,)), ((), ())), precision=precision)
         terms.append(dy.reshape(y.shape))
-    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    return y, _sum_or_zeros(terms, y)
 
 
 _xla_forward.defjvp(_xla_forward_jvp, symbolic_zeros=True)

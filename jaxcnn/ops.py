@@ -33,6 +33,9 @@ Pair = int | tuple[int, int]
 Padding = int | str | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
 
 LAYOUTS = ("NHWC", "NCHW")
+# Max pooling windows of up to this many taps take `_sliced_max` (each tap is one view of the
+# input, and its index an int8).
+MAX_SLICED_TAPS = 25
 # (input, kernel, output) dimension numbers for lax.conv_general_dilated.
 _CONV_DIMS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "NCHW": ("NCHW", "OIHW", "NCHW")}
 
@@ -364,19 +367,16 @@ def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
         (ho, wo), (kh, kw) = g["out_hw"], g["window"]
         x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
         return _tiled_max(x, (kh, kw), (ah, aw))
-    reduce = functools.partial(lax.reduce_window, init_value=-jnp.inf, computation=lax.max)
+
+    def reduce(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, win, strides, pads)
+
     if math.prod(g["window"]) > MAX_SLICED_TAPS:
-        return reduce(x, window_dimensions=win, window_strides=strides, padding=pads)
+        return reduce(x)
     # Overlapping windows (ResNet's 3x3/2, padded): on CPU a gradient through strided views,
-    # 4-5x faster to train through than select-and-scatter; GPUs and TPUs keep reduce_window.
+    # 4-6x faster to train through than select-and-scatter; GPUs and TPUs keep reduce_window.
     sliced = functools.partial(_sliced_max, window=win, strides=strides, pads=pads)
-    return lax.platform_dependent(
-        x, cpu=sliced, default=lambda x: reduce(x, window_dimensions=win, window_strides=strides, padding=pads)
-    )
-
-
-# Windows of up to this many taps take `_sliced_max` (each tap is one view of the input).
-MAX_SLICED_TAPS = 25
+    return lax.platform_dependent(x, cpu=sliced, default=reduce)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -386,8 +386,9 @@ def _sliced_max(x, window, strides, pads):
 
     The value is reduce_window's, which XLA's CPU runs faster than a max of views when
     no derivative is wanted. The JVP records which tap held each window's first maximum
-    and picks the tangent's view there; its transpose, the gradient, adds each tap's
-    share back as a padded, interior-dilated copy, one fused loop where reduce_window's
+    (its first NaN if it has one, as PyTorch and `_tiled_max`'s argmax choose) and picks
+    the tangent's view there; its transpose, the gradient, adds each tap's share back as
+    a padded, interior-dilated copy, one fused loop where reduce_window's
     select-and-scatter gradient runs element by element.
     """
     return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
@@ -405,14 +406,15 @@ def _tap_views(x, fill, window, strides, pads):
 def _sliced_max_jvp(window, strides, pads, primals, tangents):
     (x,), (dx,) = primals, tangents
     y = first_max = None
-    index_dtype = jnp.int8 if math.prod(window) <= 127 else jnp.int32
     for index, view in enumerate(_tap_views(x, -jnp.inf, window, strides, pads)):
         if y is None:
-            y, first_max = view, jnp.zeros(view.shape, index_dtype)
+            y, first_max = view, jnp.zeros(view.shape, jnp.int8)
         else:
             # Strictly greater: ties keep the earlier tap, as reduce_window's gradient and PyTorch's do.
-            first_max = jnp.where(view > y, jnp.asarray(index, index_dtype), first_max)
-            y = jnp.maximum(y, view)  # NaN propagates, as in reduce_window
+            # y is NaN once a NaN was seen (maximum propagates it), and then nothing later wins.
+            later = (view > y) | (jnp.isnan(view) & ~jnp.isnan(y))
+            first_max = jnp.where(later, jnp.asarray(index, jnp.int8), first_max)
+            y = jnp.maximum(y, view)
     views = _tap_views(dx, 0, window, strides, pads)
     dy = sum(jnp.where(first_max == index, view, 0) for index, view in enumerate(views))
     return y, dy

@@ -32,6 +32,9 @@ CASES = {
     "dilated": ((2, 6, 5, 3), (3, 2, 3, 4), dict(dilation=(2, 3), padding=(2, 1))),
     "dilated_dead_rows": ((2, 2, 3, 3), (3, 3, 3, 4), dict(dilation=2, padding=2)),  # kernel rows 0, 2 see padding
     "nchw": ((2, 3, 4, 5), (4, 3, 3, 2), dict(stride=(1, 2), padding=1, layout="NCHW")),
+    # Strided, few channels, more than 16 outputs: "auto" takes XLA's forward, a product for dW.
+    "stem": ((2, 12, 12, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),
+    "stem_nchw_dilated": ((2, 2, 13, 12), (4, 2, 3, 2), dict(stride=2, padding=2, dilation=(2, 3), layout="NCHW")),
     "grouped": ((2, 4, 4, 4), (3, 3, 2, 6), dict(groups=2, padding=1)),
 }
 
@@ -133,6 +136,17 @@ def test_stem_weight_gradient_is_a_product():
     assert hlo.count("convolution(") == 1 and "dot(" in hlo
 
 
+def test_stem_patches_too_large_take_xlas_weight_gradient(monkeypatch):
+    """Past MAX_XLA_FORWARD_PATCH_BYTES "auto" keeps XLA's weight gradient, which builds no patch matrix."""
+    monkeypatch.setattr(_lowering, "MAX_XLA_FORWARD_PATCH_BYTES", 1024)
+    x_shape, w_shape, kwargs = (2, 32, 32, 1), (7, 7, 1, 64), dict(stride=2, padding=3)
+
+    def weight_grad(x, w):
+        return jax.grad(lambda w: jnp.sum(ops.conv2d(x, w, **kwargs, lowering="auto") ** 2))(w)
+
+    assert compiled_hlo(weight_grad, x_shape, w_shape).count("convolution(") == 2
+
+
 def test_environment_switch_read_at_trace_time(monkeypatch):
     # A fresh function each time: jit caches a traced function, lowering and all.
     shapes = (2, 2, 2, 8), (3, 3, 8, 4)
@@ -201,9 +215,10 @@ def test_live_taps(n, k, stride, dilation, lo, out, live):
 
 def test_forward_mode_and_per_example_gradients():
     """The lowering keeps jax.jvp (custom_jvp, not custom_vjp) and vmap of grad working."""
-    x, w, _, kwargs = case_args("3x3_strided")
+    x, w, _, kwargs = case_args("stem")
     tangents = (np.ones_like(x), np.ones_like(w))
     # "auto" takes XLA's forward and a product for the weight (a strided kernel on 3 channels).
+    assert _lowering.auto_choice(2, 3, (3, 3), (2, 2), (6, 6)) == "xla_forward"
     lowerings = ("matmul", "auto", "xla")
     jvp = {lowering: jax.jvp(conv_fn(lowering, kwargs), (x, w), tangents)[1] for lowering in lowerings}
 

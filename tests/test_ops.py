@@ -695,10 +695,13 @@ MAX_POOL_PATHS = [
     # (window, stride, padding, ceil_mode): the reshape path for non-overlapping windows ...
     (2, None, 0, False),
     ((2, 3), None, 0, False),
-    # ... and the strided views for overlapping ones: ResNet's, and partial windows.
+    # ... and the strided views for overlapping ones: ResNet's, rectangular, and partial windows
+    # (ceil_mode overhanging the 7x8 input).
     (3, 2, 1, False),
-    ((3, 2), (1, 2), (1, 0), True),
+    ((3, 2), (1, 2), (1, 0), False),
     (2, 1, 0, False),
+    (3, 2, 0, True),
+    (3, 2, 1, True),
 ]
 
 
@@ -723,5 +726,16 @@ def test_max_pool_derivatives_are_reduce_windows(layout, window, stride, padding
         y, pullback = jax.vjp(f, jnp.asarray(x))
         return y, pullback(cotangent)[0], jax.jvp(f, (jnp.asarray(x),), (tangent,))[1]
 
-    # Overlapping windows add shares in another order: equal up to float rounding.
-    chex.assert_trees_all_close(derivatives(pool), derivatives(pool_ref), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_equal(derivatives(pool), derivatives(pool_ref))
+    # And the gradient is max_pool2d's own, not reduce_window's select-and-scatter.
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(pool(x)))).lower(x).compile().as_text()
+    assert "select-and-scatter" not in hlo
+
+
+@pytest.mark.parametrize("window, stride", [(2, 2), (2, 1)])  # the reshape and strided-view paths
+def test_max_pool_gradient_goes_to_the_first_nan(window, stride):
+    """A window holding NaN pools to NaN, and its gradient goes to the first NaN, as PyTorch's does."""
+    x = jnp.array([1.0, np.nan, 0.0, np.nan]).reshape(1, 2, 2, 1)
+    y, pullback = jax.vjp(lambda x: ops.max_pool2d(x, window, stride=stride), x)
+    assert np.isnan(y).all()
+    np.testing.assert_array_equal(pullback(jnp.ones_like(y))[0].ravel(), [0, 1, 0, 0])
