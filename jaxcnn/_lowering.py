@@ -37,6 +37,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -95,6 +96,21 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw) -> str:
     return "xla"
 
 
+def strided_views(xp, window, strides, dilation=None) -> list[jax.Array]:
+    """The view of the (already padded) xp that each window tap reads, taps in row-major order.
+
+    window, strides and dilation give one entry per axis of xp, 1 on axes not windowed;
+    every view has the output's shape.
+    """
+    dilation = (1,) * xp.ndim if dilation is None else dilation
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(xp.shape, window, strides, dilation)]
+    views = []
+    for tap in np.ndindex(*window):
+        start = [t * d for t, d in zip(tap, dilation)]
+        views.append(lax.slice(xp, start, [b + (o - 1) * s + 1 for b, o, s in zip(start, out, strides)], strides))
+    return views
+
+
 def _live_taps(n: int, k: int, stride: int, dilation: int, lo: int, out: int) -> tuple[int, int] | None:
     """First and last kernel tap along one axis that reads a real (not padding) pixel; None if none does."""
     live = [i for i in range(k) if any(0 <= r * stride + i * dilation - lo < n for r in range(out))]
@@ -149,16 +165,7 @@ def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.
 
     def conv(xc):  # (C, H, W, chunk) -> (O, Ho, Wo, chunk)
         xp = lax.pad(xc, jnp.zeros((), x.dtype), pads)
-        views = [
-            lax.slice(
-                xp,
-                (0, i * dh, j * dw, 0),
-                (c, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xc.shape[3]),
-                (1, sh, sw, 1),
-            )
-            for i in range(kh)
-            for j in range(kw)
-        ]
+        views = strided_views(xp, (1, kh, kw, 1), (1, sh, sw, 1), (1, dh, dw, 1))
         patches = jnp.stack(views).reshape(kh * kw * c, ho * wo * xc.shape[3])
         return _matmul(patches.T, w.reshape(kh * kw * c, o), precision).T.reshape(o, ho, wo, xc.shape[3])
 
@@ -177,13 +184,7 @@ def _patches_dot(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
     (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
     n = xp.shape[0]
     # One strided view per kernel tap, in w's (kh, kw, C) row order.
-    views = [
-        lax.slice(
-            xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    views = strided_views(xp, (1, kh, kw, 1), (1, sh, sw, 1), (1, dh, dw, 1))
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
     y = _matmul(patches.reshape(n * ho * wo, kh * kw * c), w.reshape(kh * kw * c, o), precision)
     return y.reshape(n, ho, wo, o)
@@ -286,11 +287,5 @@ def _patches_t(x, kernel_hw, out_hw, stride, padding, dilation) -> jax.Array:
     xp = lax.pad(
         jnp.moveaxis(x, 3, 0), jnp.zeros((), x.dtype), ((0, 0, 0), (0, 0, 0), *[(lo, hi, 0) for lo, hi in padding])
     )
-    views = [
-        lax.slice(
-            xp, (0, 0, i * dh, j * dw), (c, n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1), (1, 1, sh, sw)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    views = strided_views(xp, (1, 1, kh, kw), (1, 1, sh, sw), (1, 1, dh, dw))
     return jnp.stack(views).reshape(kh * kw * c, n * ho * wo)

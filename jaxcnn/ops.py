@@ -397,9 +397,7 @@ def _sliced_max(x, window, strides, pads):
 def _tap_views(x, fill, window, strides, pads):
     """The input padded with `fill`: its strided view for each window tap, in row-major window order."""
     xp = lax.pad(x, jnp.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    out = [(n - k) // s + 1 for n, k, s in zip(xp.shape, window, strides)]
-    for tap in np.ndindex(*window):
-        yield lax.slice(xp, tap, [t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides)], strides)
+    return _lowering.strided_views(xp, window, strides)
 
 
 @_sliced_max.defjvp
