@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxcnn import layers, models, ops
+from jaxcnn import _lowering, layers, models, ops
+from jaxcnn.ops import _as_float, _check_fits, _check_rank, _fail
+from jaxcnn.summary import sequential_net
 
 __all__ = [
     "conv_cost",
@@ -41,25 +43,10 @@ __all__ = [
 F32_BYTES = 4
 
 
-def _fail(fn: str, message: str) -> None:
-    raise ValueError(f"{fn}: {message}")
-
-
 def _positive_int(fn: str, name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         _fail(fn, f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _output_hw(fn, input_hw, kernel_hw, stride, pads, dilation=(1, 1)) -> tuple[int, int]:
-    """The notes' floor((n + p - k + s) / s) per axis, failing if the kernel does not fit."""
-    out = []
-    for axis, n, k, s, (lo, hi), d in zip("HW", input_hw, kernel_hw, stride, pads, dilation):
-        span = (k - 1) * d + 1
-        if span > n + lo + hi:
-            _fail(fn, f"kernel spans {span} along {axis} but the padded input has only {n + lo + hi}")
-        out.append((n + lo + hi - span) // s + 1)
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------
@@ -121,7 +108,8 @@ def conv_cost(
         _fail(fn, f"c_i={c_i} and c_o={c_o} must both divide by groups={groups}")
     stride = ops.as_pair(fn, "stride", stride, minimum=1)
     pads = ops.as_padding(fn, padding, (h, w), (k_h, k_w), stride)
-    h_o, w_o = _output_hw(fn, (h, w), (k_h, k_w), stride, pads)
+    _check_fits(fn, "kernel", (h, w), pads, (k_h, k_w))  # first, so the error names conv_cost
+    h_o, w_o = ops.conv_output_shape((h, w), (k_h, k_w), stride=stride, padding=pads)
 
     fan_in = c_i // groups * k_h * k_w
     out = c_o * h_o * w_o
@@ -205,22 +193,16 @@ def compose_kernels(k1, k2) -> jax.Array:
 
 def _im2col(fn, x, kernel_hw, stride, padding, dilation) -> jax.Array:
     x = jnp.asarray(x)
-    if x.ndim != 4:
-        _fail(fn, f"x must have rank 4 (N, H, W, C), got shape {x.shape}")
+    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
     kernel_hw = ops.as_pair(fn, "kernel_hw", kernel_hw, minimum=1)
     stride = ops.as_pair(fn, "stride", stride, minimum=1)
     dilation = ops.as_pair(fn, "dilation", dilation, minimum=1)
     pads = ops.as_padding(fn, padding, x.shape[1:3], kernel_hw, stride, dilation)
-    h_o, w_o = _output_hw(fn, x.shape[1:3], kernel_hw, stride, pads, dilation)
-    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, stride, dilation
+    _check_fits(fn, "kernel", x.shape[1:3], pads, kernel_hw, dilation)
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    # One strided slice per kernel offset; concatenated (i, j, c)-major, as HWIO reshapes.
-    cols = [
-        xp[:, i * dh : i * dh + (h_o - 1) * sh + 1 : sh, j * dw : j * dw + (w_o - 1) * sw + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.concatenate(cols, axis=-1)
+    # One strided view per kernel tap, row-major; concatenated (i, j, c)-major, as HWIO reshapes.
+    views = _lowering.strided_views(xp, (1, *kernel_hw, 1), (1, *stride, 1), (1, *dilation, 1))
+    return jnp.concatenate(views, axis=-1)
 
 
 def im2col(x, kernel_hw, *, stride=1, padding=0, dilation=1) -> jax.Array:
@@ -241,8 +223,7 @@ def conv2d_im2col(x, w, b=None, *, stride=1, padding=0, dilation=1) -> jax.Array
     """
     fn = "conv2d_im2col"
     w = jnp.asarray(w)
-    if w.ndim != 4:
-        _fail(fn, f"w must have rank 4 (kh, kw, C, O), got shape {w.shape}")
+    _check_rank(fn, "w", w, 4, "(kh, kw, C, O)")
     if np.ndim(x) != 4 or np.shape(x)[-1] != w.shape[2]:
         _fail(fn, f"x must be (N, H, W, {w.shape[2]}) to match w {w.shape}, got shape {np.shape(x)}")
     if b is not None and np.shape(b) != (w.shape[3],):
@@ -259,17 +240,15 @@ def avg_pool_as_conv(x, window, *, stride=None, padding=0) -> jax.Array:
     with count_include_pad=True. Linear, unlike max pooling.
     """
     fn = "avg_pool_as_conv"
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-        _fail(fn, f"x must have rank 4 (N, H, W, C), got shape {x.shape}")
+    x = _as_float(x)  # as ops.conv2d takes it, so the kernel's dtype matches
+    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
     window = ops.as_pair(fn, "window", window, minimum=1)
     stride = window if stride is None else ops.as_pair(fn, "stride", stride, minimum=1)
     padding = ops.as_pair(fn, "padding", padding, minimum=0)
     pads = tuple((p, p) for p in padding)
-    _output_hw(fn, x.shape[1:3], window, stride, pads)
+    _check_fits(fn, "kernel", x.shape[1:3], pads, window)
     c = x.shape[3]
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32
-    kernel = jnp.full((*window, 1, c), 1.0 / (window[0] * window[1]), dtype)
+    kernel = jnp.full((*window, 1, c), 1.0 / (window[0] * window[1]), x.dtype)
     return ops.conv2d(x, kernel, stride=stride, padding=pads, groups=c, precision=lax.Precision.HIGHEST)
 
 
@@ -286,8 +265,7 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
     if not (isinstance(p, (int, float, np.integer, np.floating)) and p > 0):
         _fail(fn, f"p must be a positive number, got {p!r}")
     x = jnp.asarray(x)
-    if x.ndim != 4:
-        _fail(fn, f"x must have rank 4 (N, H, W, C), got shape {x.shape}")
+    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
     scale = jnp.max(x)
     scale = jnp.where(scale > 0, scale, 1.0)
     mean = avg_pool_as_conv((x / scale) ** p, window, stride=stride, padding=padding)
@@ -327,13 +305,6 @@ class Field(NamedTuple):
     def box(self, index) -> tuple[tuple[int, int], tuple[int, int]]:
         """((row_lo, row_hi), (col_lo, col_hi)), half open and not clipped, of output element index = (i, j)."""
         return tuple((a + i * j, a + i * j + r) for a, i, j, r in zip(self.start, index, self.jump, self.size))
-
-
-def _net(fn: str, model) -> nnx.Sequential:
-    net = getattr(model, "net", model)
-    if not isinstance(net, nnx.Sequential):
-        _fail(fn, f"model must be an nnx.Sequential or have one as .net, got {type(model).__name__}")
-    return net
 
 
 def _join(name: str, key) -> str:
@@ -445,7 +416,7 @@ def receptive_fields(model: nnx.Module, input_hw=None) -> list[Field]:
     by global pooling and "SAME" padding, and for the rows' out_hw.
     """
     fn = "receptive_fields"
-    net = _net(fn, model)
+    net = sequential_net(fn, model)
     input_hw = getattr(model, "image_size", None) if input_hw is None else input_hw
     hw = None if input_hw is None else ops.as_pair(fn, "input_hw", input_hw, minimum=1)
     rows = []
@@ -613,7 +584,7 @@ def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     (hundreds to thousands), so the convolutions dominate.
     """
     fn = "model_cost"
-    _net(fn, model)
+    sequential_net(fn, model)
     if not (
         isinstance(input_shape, (tuple, list))
         and len(input_shape) == 4
@@ -625,9 +596,11 @@ def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     seen = []
     _replace(
         twin,
-        lambda n, m: _Tap(m, lambda x, y, n=n, m=m: seen.append((n, m, x.shape, y.shape)))
-        if isinstance(m, (layers.Conv2D, nnx.Linear))
-        else m,
+        lambda n, m: (
+            _Tap(m, lambda x, y, n=n, m=m: seen.append((n, m, x.shape, y.shape)))
+            if isinstance(m, (layers.Conv2D, nnx.Linear))
+            else m
+        ),
     )
     # The state goes in as an argument, so an abstract model (nnx.eval_shape) works too.
     graphdef, state = nnx.split(twin)

@@ -12,12 +12,17 @@ from flax import nnx
 Row = tuple[str, tuple[int, ...], int]
 
 
-def _layers(model) -> Sequence:
-    """The model's layers in the chapters' order: model.net.layers, or model.layers for an nnx.Sequential."""
+def sequential_net(fn: str, model) -> nnx.Sequential:
+    """model.net, or model itself if an nnx.Sequential: the chapters' models hold their layers so."""
     net = getattr(model, "net", model)
     if not isinstance(net, nnx.Sequential):
-        raise ValueError(f"summary: model must be an nnx.Sequential or have one as .net, got {type(model).__name__}")
-    return net.layers
+        raise ValueError(f"{fn}: model must be an nnx.Sequential or have one as .net, got {type(model).__name__}")
+    return net
+
+
+def _layers(model) -> Sequence:
+    """The model's layers in the chapters' order."""
+    return sequential_net("summary", model).layers
 
 
 def _name(layer) -> str:

@@ -15,6 +15,15 @@ RESNET18_ARCH = ((2, 64), (2, 128), (2, 256), (2, 512))
 STEM_CHANNELS = 64
 
 
+def check_shortcut(fn: str, in_channels: int, num_channels: int, use_1x1conv: bool, strides: int) -> None:
+    """The identity shortcut only adds up when the block keeps x's shape."""
+    if not use_1x1conv and (in_channels != num_channels or strides != 1):
+        raise ValueError(
+            f"{fn}: in_channels={in_channels} -> num_channels={num_channels} with strides={strides} "
+            "changes the shape, so the shortcut needs use_1x1conv=True"
+        )
+
+
 class Residual(nnx.Module):
     """relu(bn2(conv3x3(relu(bn1(conv3x3(x))))) + shortcut(x)).
 
@@ -32,11 +41,7 @@ class Residual(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        if not use_1x1conv and (in_channels != num_channels or strides != 1):
-            raise ValueError(
-                f"Residual: in_channels={in_channels} -> num_channels={num_channels} with strides={strides} "
-                "changes the shape, so the shortcut needs use_1x1conv=True"
-            )
+        check_shortcut("Residual", in_channels, num_channels, use_1x1conv, strides)
         conv = lambda cin, k, s: layers.Conv2D(cin, num_channels, k, stride=s, padding=k // 2, dtype=dtype, rngs=rngs)
         self.conv1 = conv(in_channels, 3, strides)
         self.conv2 = conv(num_channels, 3, 1)

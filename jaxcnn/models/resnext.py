@@ -8,11 +8,11 @@ import jax
 from flax import nnx
 
 from jaxcnn import layers
-from jaxcnn.models.resnet import ResNet
+from jaxcnn.models.resnet import RESNET18_ARCH, ResNet, check_shortcut
 
 # d2l's ResNeXt settings (its RegNetX-32 in 8.8): groups=16, bot_mul=1,
 # here on ResNet-18's stages so that it compares with ResNet-18.
-RESNEXT18_ARCH = ((2, 64), (2, 128), (2, 256), (2, 512))
+RESNEXT18_ARCH = RESNET18_ARCH
 RESNEXT18_GROUPS, RESNEXT18_BOT_MUL = 16, 1.0
 
 
@@ -44,11 +44,7 @@ class ResNeXtBlock(nnx.Module):
                 f"{fn}: groups={groups!r} (channels per group) must divide "
                 f"bot_channels=round({num_channels} * {bot_mul}) = {bot_channels}"
             )
-        if not use_1x1conv and (in_channels != num_channels or strides != 1):
-            raise ValueError(
-                f"{fn}: in_channels={in_channels} -> num_channels={num_channels} with strides={strides} "
-                "changes the shape, so the shortcut needs use_1x1conv=True"
-            )
+        check_shortcut(fn, in_channels, num_channels, use_1x1conv, strides)
         conv = lambda cin, cout, k, s=1, g=1: layers.Conv2D(
             cin, cout, k, stride=s, padding=k // 2, groups=g, dtype=dtype, rngs=rngs
         )
@@ -86,8 +82,9 @@ class ResNeXt(ResNet):
         rngs: nnx.Rngs,
     ):
         self.groups, self.bot_mul = groups, bot_mul
-        super().__init__(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                         dtype=dtype, rngs=rngs)
+        super().__init__(
+            arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, dtype=dtype, rngs=rngs
+        )
 
     def block(self, cin, cout, use_1x1conv, strides, *, dtype, rngs) -> nnx.Module:
         return ResNeXtBlock(cin, cout, self.groups, self.bot_mul, use_1x1conv, strides, dtype=dtype, rngs=rngs)
