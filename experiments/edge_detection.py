@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import runner
 from experiments._plot import save_heatmaps
 from jaxcnn import ops
 
@@ -63,19 +64,16 @@ def learn_kernel(x, y, *, seed: int, lr: float, steps: int, log_every: int = 2):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.edge_detection", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m experiments.edge_detection", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the kernel's random start")
-    parser.add_argument("--lr", type=float, default=3e-2, help="gradient descent step size (notes: 3e-2)")
-    parser.add_argument("--steps", type=int, default=14, help="gradient descent steps (see the module doc)")
+    parser.add_argument(
+        "--lr", type=runner._positive_float, default=3e-2, help="gradient descent step size (notes: 3e-2)"
+    )
+    parser.add_argument(
+        "--steps", type=runner._positive_int, default=14, help="gradient descent steps (see the module doc)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("runs/edge_detection"), help="where to write results")
-    args = parser.parse_args(argv)
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:

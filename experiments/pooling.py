@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import runner
 from experiments._plot import save_heatmaps
 from experiments.edge_detection import EDGE_KERNEL, band_image
 from jaxcnn import ops
@@ -52,6 +53,7 @@ def shift_sensitivity(x, shift: int) -> tuple[list[dict], dict[str, dict[int, np
 
     Returns the counts and every map, by stage and then shift (0: unmoved).
     """
+
     def stages(image):
         y = ops.corr2d(image, EDGE_KERNEL)[None, :, :, None]
         out = {"conv": y}
@@ -72,12 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=3, help="pooling window (square) for part 1")
     parser.add_argument("--stride", type=int, default=2, help="pooling stride for part 1")
     parser.add_argument("--padding", type=int, default=1, help="pooling padding for part 1 (at most window // 2)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="soft pooling temperature (> 0)")
+    parser.add_argument(
+        "--temperature", type=runner._positive_float, default=1.0, help="soft pooling temperature (> 0)"
+    )
     parser.add_argument("--shift", type=int, default=1, help="pixels the band image moves in part 2 (1 to 7)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/pooling"), help="where to write results")
     args = parser.parse_args(argv)
-    if not args.temperature > 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
     if not 1 <= args.shift < band_image().shape[1]:
         parser.error(f"--shift must be between 1 and {band_image().shape[1] - 1}, got {args.shift}")
     try:

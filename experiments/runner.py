@@ -73,7 +73,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def build_parser(model: str, defaults: dict, model_flags) -> argparse.ArgumentParser:
+def build_parser(defaults: dict, model_flags) -> argparse.ArgumentParser:
     from jaxcnn import train
 
     parser = argparse.ArgumentParser(
@@ -82,34 +82,72 @@ def build_parser(model: str, defaults: dict, model_flags) -> argparse.ArgumentPa
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--accelerator", choices=ACCELERATORS, default="auto",
-        help="where to train; one that is not there is an error, never a silent fallback")
-    add("--dataset", default="fashion_mnist",
-        help="'mnist_10k' (bundled, offline), a TFDS name (fashion_mnist, mnist, ...), or a directory of the four IDX files")
+    add(
+        "--accelerator",
+        choices=ACCELERATORS,
+        default="auto",
+        help="where to train; one that is not there is an error, never a silent fallback",
+    )
+    add(
+        "--dataset",
+        default="fashion_mnist",
+        help="'mnist_10k' (bundled, offline), a TFDS name (fashion_mnist, mnist, ...), or a directory of the four IDX files",
+    )
     add("--data-dir", default=None, help="TFDS data directory (where prepared TFDS datasets live)")
     add("--epochs", type=_positive_int, default=defaults["epochs"], help="passes over the training set")
-    add("--batch-size", type=_positive_int, default=defaults["batch_size"],
-        help="global batch size, split evenly over all devices (must divide by the device count)")
+    add(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults["batch_size"],
+        help="global batch size, split evenly over all devices (must divide by the device count)",
+    )
     add("--lr", type=_positive_float, default=defaults["lr"], help="peak learning rate")
-    add("--optimizer", choices=train.OPTIMIZERS, default=defaults["optimizer"],
-        help="sgd (the chapters'), sgd with momentum 0.9, adam, adamw")
+    add(
+        "--optimizer",
+        choices=train.OPTIMIZERS,
+        default=defaults["optimizer"],
+        help="sgd (the chapters'), sgd with momentum 0.9, adam, adamw",
+    )
     add("--schedule", choices=train.SCHEDULES, default="constant", help="learning-rate schedule after warm-up")
     add("--warmup-epochs", type=_non_negative_float, default=0.0, help="linear warm-up from 0, in epochs")
-    add("--weight-decay", type=_non_negative_float, default=0.0,
-        help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw")
+    add(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=0.0,
+        help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw",
+    )
     add("--seed", type=_non_negative_int, default=0, help="initialisation, data order and dropout")
-    add("--workdir", default=None,
-        help="where the run writes everything (default: a new runs/%s-DATE-TIME)" % defaults["entry"])
+    add(
+        "--workdir",
+        default=None,
+        help="where the run writes everything (default: a new runs/%s-DATE-TIME)" % defaults["entry"],
+    )
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in --workdir")
-    add("--image-size", type=_positive_int, default=None,
-        help="resize images to this square size (default: the chapter's size for the model)")
-    add("--dtype", choices=DTYPES, default="float32",
-        help="compute dtype; parameters and the loss stay float32 (bfloat16 for GPUs and TPUs)")
-    add("--checkpoint-every", type=_non_negative_int, default=0,
-        help="also checkpoint every N steps (0: only at the end of each epoch)")
+    add(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="resize images to this square size (default: the chapter's size for the model)",
+    )
+    add(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype; parameters and the loss stay float32 (bfloat16 for GPUs and TPUs)",
+    )
+    add(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=0,
+        help="also checkpoint every N steps (0: only at the end of each epoch)",
+    )
     add("--keep-checkpoints", type=_positive_int, default=3, help="how many recent checkpoints to keep")
-    add("--log-every", type=_positive_int, default=50,
-        help="steps between progress updates (the only host syncs inside an epoch)")
+    add(
+        "--log-every",
+        type=_positive_int,
+        default=50,
+        help="steps between progress updates (the only host syncs inside an epoch)",
+    )
     add("--train-examples", type=_positive_int, default=None, help="use only the first N training examples")
     add("--test-examples", type=_positive_int, default=None, help="use only the first N test examples")
     group = parser.add_argument_group("multi-host (jax.distributed)")
@@ -122,13 +160,13 @@ def build_parser(model: str, defaults: dict, model_flags) -> argparse.ArgumentPa
 
 
 def main(model: str, defaults: dict, model_flags=lambda group: None, model_options=lambda args: {}, argv=None) -> int:
-    parser = build_parser(model, defaults, model_flags)
+    parser = build_parser(defaults, model_flags)
     args = parser.parse_args(argv)
     options = model_options(args)
     name = options.pop("model", model)
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
         parser.error(f"--process-id {args.process_id} must be less than --num-processes {args.num_processes}")
-    if (args.coordinator is None) != (args.num_processes is None) or (args.num_processes is None) != (args.process_id is None):
+    if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
         if args.coordinator or args.num_processes or args.process_id is not None:
             parser.error("--coordinator, --num-processes and --process-id go together")
     if args.workdir is None:
@@ -137,15 +175,16 @@ def main(model: str, defaults: dict, model_flags=lambda group: None, model_optio
         if args.num_processes and args.num_processes > 1:
             parser.error("several processes need one shared --workdir")
         args.workdir = f"runs/{defaults['entry']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _select_accelerator(parser, args.accelerator, args)
+    _select_accelerator(parser, args)
     with _StopFlag() as stop:
         return run(parser, args, name, options, stop)
 
 
-def _select_accelerator(parser, accelerator: str, args) -> None:
+def _select_accelerator(parser, args) -> None:
     """Fixes JAX's platform before any backend starts (and before jax.distributed), or fails loudly."""
     import jax
 
+    accelerator = args.accelerator
     platform_name = {"auto": None, "gpu": "cuda"}.get(accelerator, accelerator)
     previous = jax.config.jax_platforms
     if platform_name:
@@ -188,7 +227,9 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
 
     devices = jax.devices()
     if args.batch_size % len(devices):
-        parser.error(f"--batch-size {args.batch_size} must divide by the {len(devices)} devices (each gets an equal share)")
+        parser.error(
+            f"--batch-size {args.batch_size} must divide by the {len(devices)} devices (each gets an equal share)"
+        )
     steps_per_epoch = data.num_train_batches(train_split, args.batch_size)
     if steps_per_epoch == 0:
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(train_split.labels)} training examples")
@@ -196,9 +237,10 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
     in_channels = train_split.images.shape[-1]
     workdir = Path(args.workdir)
     is_writer = jax.process_index() == 0
+    multi_host = jax.process_count() > 1
 
     holds_run = (workdir / "config.json").exists() or (workdir / "checkpoints").exists()
-    if jax.process_count() > 1:  # process 0 decides: the others may look after it has started writing
+    if multi_host:  # process 0 decides: the others may look after it has started writing
         holds_run = bool(multihost_utils.broadcast_one_to_all(np.int32(holds_run)))
     if holds_run and not args.resume:
         parser.error(
@@ -208,17 +250,25 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
 
     try:
         model = models.create(
-            model_name, num_classes=dataset.num_classes, in_channels=in_channels,
-            image_size=image_size, seed=args.seed,
-            **model_options, **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}),
+            model_name,
+            num_classes=dataset.num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            seed=args.seed,
+            **model_options,
+            **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}),
         )
     except ValueError as error:
         parser.error(str(error))
     train_def, eval_def, params, batch_stats = train.split_model(model)
     total_steps = steps_per_epoch * args.epochs
     tx = train.make_optimizer(
-        args.optimizer, args.lr, total_steps=total_steps, schedule=args.schedule,
-        warmup_steps=round(args.warmup_epochs * steps_per_epoch), weight_decay=args.weight_decay,
+        args.optimizer,
+        args.lr,
+        total_steps=total_steps,
+        schedule=args.schedule,
+        warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+        weight_decay=args.weight_decay,
     )
     mesh = train.data_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -262,20 +312,28 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         else:
             step, state, totals, meta = restored
             start_epoch, start_batch = meta["epoch"], meta["batch"]
-            _say(f"resuming from step {step} (epoch {start_epoch + 1}, batch {start_batch}) in {workdir / 'checkpoints'}")
+            _say(
+                f"resuming from step {step} (epoch {start_epoch + 1}, batch {start_batch}) in {workdir / 'checkpoints'}"
+            )
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        _truncate_metrics(workdir / "metrics.jsonl", keep_epochs=start_epoch)
+        history = _truncate_metrics(workdir / "metrics.jsonl", keep_epochs=start_epoch)
+    else:
+        history = []
 
-    history = _read_metrics(workdir / "metrics.jsonl") if is_writer else []
     bound_in_flight = devices[0].platform == "cpu" and jax.local_device_count() > 1
     log = _Progress(steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
         batches = data.train_batches(
-            train_split, args.batch_size, seed=args.seed, epoch=epoch, start_batch=start_batch,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            train_split,
+            args.batch_size,
+            seed=args.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         images_seen = 0
         for batch_index, (images, labels) in enumerate(data.prefetch(batches, batch_sharding), start=start_batch):
@@ -288,12 +346,13 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             step = epoch * steps_per_epoch + batch_index + 1
             done_in_epoch = batch_index + 1
             mid_epoch = done_in_epoch < steps_per_epoch
+            log_now = done_in_epoch % args.log_every == 0
             stopping = stop.signal  # read once: a signal may land at any line
-            if jax.process_count() > 1:
+            if multi_host:
                 # Hosts must agree, or one would save (a collective) alone: they do at log steps.
-                stopping = _agreed(stopping) if mid_epoch and done_in_epoch % args.log_every == 0 else 0
+                stopping = _agreed(stopping) if mid_epoch and log_now else 0
             save_now = mid_epoch and bool(stopping or (args.checkpoint_every and step % args.checkpoint_every == 0))
-            if save_now or done_in_epoch % args.log_every == 0:
+            if save_now or log_now:
                 # One host sync per log interval: progress, and the divergence guard before any save.
                 summary = train.summarize(totals)
                 _check_finite(summary, mngr, workdir, args.lr)
@@ -310,8 +369,9 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
 
         eval_totals = replicate(train.zero_totals())
         for images, labels, mask in data.prefetch(
-            data.eval_batches(test_split, args.batch_size, process_index=jax.process_index(),
-                              process_count=jax.process_count()),
+            data.eval_batches(
+                test_split, args.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+            ),
             batch_sharding,
         ):
             eval_totals = eval_step(state.params, state.batch_stats, eval_totals, images, labels, mask)
@@ -335,39 +395,62 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
             with open(workdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             _plot(history, workdir / "curves.png", title=f"{model_name} on {args.dataset}")
-        stopping = _agreed(stop.signal) if jax.process_count() > 1 else stop.signal
+        stopping = _agreed(stop.signal) if multi_host else stop.signal
         if stopping:
             mngr.wait_until_finished()
             return _stopped(stopping, f"after epoch {epoch + 1}", parser)
 
-    mngr.wait_until_finished()
+    mngr.close()  # waits for the last checkpoint to finish
     checkpoint.save_model(workdir / "model", state.params, state.batch_stats)
-    mngr.close()
     if history:
         final = history[-1]
-        _say(f"done: test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}; outputs in {workdir}")
+        _say(
+            f"done: test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}; outputs in {workdir}"
+        )
     return 0
 
 
 def _stopped(signum: int, where: str, parser) -> int:
     """After SIGTERM or Ctrl-C: the checkpoint is saved; say how to go on."""
     argv = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-    _say(f"\nstopped by {signal.Signals(signum).name} {where}; checkpoint saved. "
-         f"Resume with: {parser.prog} {shlex.join(argv)}")
+    _say(
+        f"\nstopped by {signal.Signals(signum).name} {where}; checkpoint saved. "
+        f"Resume with: {parser.prog} {shlex.join(argv)}"
+    )
     return 128 + signum
 
 
 # What a resumed run must share with the run it continues (--epochs may grow).
-RESUME_KEYS = ("model", "model_options", "dataset", "train_examples", "image_size", "batch_size",
-               "steps_per_epoch", "optimizer", "lr", "schedule", "warmup_epochs", "weight_decay", "seed", "dtype")
+RESUME_KEYS = (
+    "model",
+    "model_options",
+    "dataset",
+    "train_examples",
+    "image_size",
+    "batch_size",
+    "steps_per_epoch",
+    "optimizer",
+    "lr",
+    "schedule",
+    "warmup_epochs",
+    "weight_decay",
+    "seed",
+    "dtype",
+)
 
 
 def _check_same_run(parser, saved: dict, config: dict) -> None:
-    changed = [f"{key} was {saved.get(key)!r}, now {config.get(key)!r}"
-               for key in RESUME_KEYS if saved.get(key) != config.get(key)]
+    changed = [
+        f"{key} was {saved.get(key)!r}, now {config.get(key)!r}"
+        for key in RESUME_KEYS
+        if saved.get(key) != config.get(key)
+    ]
     if changed:
-        parser.error("--resume continues the run in --workdir with its own settings, but "
-                     + "; ".join(changed) + ". Pass the same flags (only --epochs may change)")
+        parser.error(
+            "--resume continues the run in --workdir with its own settings, but "
+            + "; ".join(changed)
+            + ". Pass the same flags (only --epochs may change)"
+        )
 
 
 def _agreed(signum: int) -> int:
@@ -382,7 +465,11 @@ def _check_finite(summary, mngr, workdir, lr) -> None:
     if summary["first_bad_step"] >= 0:
         mngr.wait_until_finished()
         latest = mngr.latest_step()
-        kept = f"the last good checkpoint is step {latest} in {workdir / 'checkpoints'}" if latest is not None else "no checkpoint was saved"
+        kept = (
+            f"the last good checkpoint is step {latest} in {workdir / 'checkpoints'}"
+            if latest is not None
+            else "no checkpoint was saved"
+        )
         _say(
             f"\ntraining diverged: non-finite loss or gradient at step {summary['first_bad_step']}; "
             f"{kept}. Try a smaller --lr (now {lr})."
@@ -428,9 +515,12 @@ class _Progress:
         if self.tty:
             print("\r" + " " * 100 + "\r", end="")
         if _is_writer():
-            print(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
-                  f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | "
-                  f"{r['images_per_sec']:,.0f} img/s, {r['seconds']:.1f} s", flush=True)
+            print(
+                f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
+                f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | "
+                f"{r['images_per_sec']:,.0f} img/s, {r['seconds']:.1f} s",
+                flush=True,
+            )
 
 
 def _is_writer() -> bool:
@@ -450,22 +540,22 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_metrics(path: Path, keep_epochs: int) -> None:
-    """On resume, drop lines of epochs after the checkpoint: they will be written again."""
+def _truncate_metrics(path: Path, keep_epochs: int) -> list[dict]:
+    """On resume, drop lines of epochs after the checkpoint: they will be written again. Returns the lines kept."""
     kept = [r for r in _read_metrics(path) if r["epoch"] <= keep_epochs]
     if path.exists() or kept:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _plot(history: list[dict], path: Path, title: str) -> None:
     """The chapters' progress board: train loss, test loss and test accuracy by epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders PNGs with Agg without touching pyplot's process-wide backend.
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(epochs, [r["train_loss"] for r in history], "-o", label="train loss")
     ax.plot(epochs, [r["test_loss"] for r in history], "--o", label="test loss")
     ax.plot(epochs, [r["test_accuracy"] for r in history], "-.o", label="test acc")
@@ -476,7 +566,6 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -487,5 +576,10 @@ def _versions() -> dict:
 
     import jaxcnn
 
-    return {"jaxcnn": jaxcnn.__version__, "jax": jax.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "python": platform.python_version()}
+    return {
+        "jaxcnn": jaxcnn.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+    }

@@ -55,15 +55,6 @@ def test_edge_detection_default_steps_suffice_from_any_start(capsys):
     assert np.abs(kernel - [[1.0, -1.0]]).max() > 0.05
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "-1"], ["--lr", "fast"], ["--bogus"]])
-def test_edge_detection_rejects_bad_flags(argv, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        edge_detection.main([*argv, "--workdir", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
-    assert not (tmp_path / "results.json").exists()
-
-
 def test_pooling_reproduces_the_notes(tmp_path, capsys):
     results = pooling.main(["--workdir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -92,8 +83,8 @@ def test_pooling_reproduces_the_notes(tmp_path, capsys):
 
 
 def test_pooling_flags_change_the_geometry(tmp_path, capsys):
-    results = pooling.main(["--window", "2", "--stride", "1", "--padding", "0", "--temperature", "0.5",
-                            "--shift", "2", "--workdir", str(tmp_path)])
+    argv = "--window 2 --stride 1 --padding 0 --temperature 0.5 --shift 2".split()
+    results = pooling.main([*argv, "--workdir", str(tmp_path)])
     x = np.asarray(results["input"])
     np.testing.assert_array_equal(results["pools"]["max"], reference.pool2d(x, (2, 2)))
     np.testing.assert_allclose(results["pools"]["avg"], reference.pool2d(x, (2, 2), mode="avg"), rtol=1e-6)
@@ -102,12 +93,22 @@ def test_pooling_flags_change_the_geometry(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--window", "2", "--padding", "2"], ["--window", "7"], ["--temperature", "0"], ["--shift", "8"], ["--stride", "x"]],
+    "main, argv",
+    [
+        (edge_detection.main, ["--steps", "0"]),
+        (edge_detection.main, ["--lr", "-1"]),
+        (edge_detection.main, ["--lr", "fast"]),
+        (edge_detection.main, ["--bogus"]),
+        (pooling.main, ["--window", "2", "--padding", "2"]),
+        (pooling.main, ["--window", "7"]),
+        (pooling.main, ["--temperature", "0"]),
+        (pooling.main, ["--shift", "8"]),
+        (pooling.main, ["--stride", "x"]),
+    ],
 )
-def test_pooling_rejects_bad_flags(argv, tmp_path, capsys):
+def test_experiments_reject_bad_flags(main, argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        pooling.main([*argv, "--workdir", str(tmp_path)])
+        main([*argv, "--workdir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
