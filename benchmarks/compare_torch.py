@@ -196,11 +196,11 @@ def jax_train_step(name: str, size: int, images: np.ndarray, labels: np.ndarray,
     model = models.create(MODELS[name][0], image_size=size)
     train_def, _, params, batch_stats = train.split_model(model)
     tx = train.make_optimizer("sgd", 0.01, total_steps=10**6)
-    step = train.make_train_step(train_def, tx, train.data_mesh(), image_size=None)
+    mesh = train.data_mesh()
+    step = train.make_train_step(train_def, tx, mesh, image_size=None)
     # Placed as the runner places them, so the first step's outputs match its inputs (no second compile).
-    replicated = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec())
-    holder = jax.device_put({"state": train.create_train_state(params, batch_stats, tx, seed=0),
-                             "totals": train.zero_totals()}, replicated)  # fmt: skip
+    holder = train.replicator(mesh)({"state": train.create_train_state(params, batch_stats, tx, seed=0),
+                                     "totals": train.zero_totals()})  # fmt: skip
     images, labels = jax.device_put(images), jax.device_put(labels)
 
     def run():

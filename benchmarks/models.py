@@ -23,11 +23,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxcnn import models
+from jaxcnn import models, train
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -47,12 +45,9 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
 def bench(name: str, batch_size: int, repeats: int, dtype: str | None) -> dict:
     size = models.default_image_size(name)
     model = models.create(name, **({"dtype": dtype} if dtype else {}))
-    train_def, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     # Plain arrays, as the trainer passes them: merge then makes fresh
     # Variables inside each trace (BatchNorm may not mutate one from outside the grad).
-    params, batch_stats = nnx.as_pure(params), nnx.as_pure(batch_stats)
-    model.eval()
-    eval_def, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    train_def, eval_def, params, batch_stats = train.split_model(model)
     kx, ky, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (batch_size, size, size, 1))
     y = jax.random.randint(ky, (batch_size,), 0, 10)
@@ -63,7 +58,7 @@ def bench(name: str, batch_size: int, repeats: int, dtype: str | None) -> dict:
     def loss(params, batch_stats, x, y, key):
         m = nnx.merge(train_def, params, batch_stats)
         logits = m(x, rngs=nnx.Rngs(dropout=key))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss = train.cross_entropy(logits, y).mean()
         return loss, nnx.as_pure(nnx.state(m, nnx.BatchStat))
 
     grad = jax.value_and_grad(loss, has_aux=True)

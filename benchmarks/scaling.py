@@ -26,6 +26,7 @@ epoch: mnist_10k's 8000 training images at the global batch, from the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,7 +40,10 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import checkpoint, data, models, train
+from jaxcnn import checkpoint, data, train
+
+import _common  # benchmarks/: python puts the script's directory on sys.path
+from _common import setup
 
 DEFAULT_MODELS = "lenet,resnet18@32"
 DEFAULT_STEPS = {"lenet@28": 50, "resnet18@32": 5}  # per timed chunk; others: 2
@@ -49,34 +53,13 @@ NOTE = (
 )
 
 
-def parse_model(spec: str) -> tuple[str, int]:
-    name, _, size = spec.partition("@")
-    if name not in models.names():
-        raise ValueError(f"scaling.py: unknown model {name!r} in --models; choose from {models.names()}")
-    if not size:
-        return name, models.default_image_size(name)
-    if not size.isdigit() or int(size) < 1:
-        raise ValueError(f"scaling.py: image size in --models {spec!r} must be a positive integer")
-    return name, int(size)
-
-
-def setup(name: str, image_size: int, mesh):
-    """(train_step, state, totals) as the runner builds them, with the chapters' SGD."""
-    model = models.create(name, image_size=image_size)
-    train_def, _, params, batch_stats = train.split_model(model)
-    tx = train.make_optimizer("sgd", 0.01, total_steps=1000)
-    # As the runner places them: a jitted identity, which also copies, so the
-    # step's donation leaves the model's own arrays alive.
-    replicate = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
-    state = replicate(train.create_train_state(params, batch_stats, tx, seed=0))
-    totals = replicate(train.zero_totals())
-    return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals
+parse_model = functools.partial(_common.parse_model, prog="scaling.py")  # its errors name this script
 
 
 def step_throughput(spec: str, num_devices: int, batch_size: int, steps: int, repeats: int, sync_every: int) -> dict:
     name, size = parse_model(spec)
     mesh = train.data_mesh(jax.devices()[:num_devices])
-    step, state, totals = setup(name, size, mesh)
+    step, state, totals, _, _ = setup(name, size, mesh)
     split = data.load(data.BUNDLED).train
     batch = jax.device_put((split.images[:batch_size], split.labels[:batch_size]), NamedSharding(mesh, P("data")))
     start = time.perf_counter()
@@ -138,7 +121,7 @@ def directory_bytes(path: Path) -> int:
 
 def checkpoint_cost(spec: str, saves: int) -> dict:
     name, size = parse_model(spec)
-    _, state, totals = setup(name, size, train.data_mesh())
+    _, state, totals, _, _ = setup(name, size, train.data_mesh())
     seconds, blocking = [], []
     with tempfile.TemporaryDirectory() as tmp:
         mngr = checkpoint.manager(Path(tmp) / "checkpoints", keep=2)

@@ -33,6 +33,7 @@ same two settings: wall time, test accuracy, images/s per epoch.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -49,7 +50,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import data, models, train
+from jaxcnn import data, train
+
+import _common  # benchmarks/: python puts the script's directory on sys.path
+from _common import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = "lenet,resnet18@96,resnet18@32,vgg11@224"
@@ -73,6 +77,9 @@ COMPILE_STAGES = {
 }
 
 
+parse_model = functools.partial(_common.parse_model, prog="train.py")  # its errors name this script
+
+
 class CompileLog:
     """(stage, function name, seconds) of every jax compile stage, via jax.monitoring."""
 
@@ -92,30 +99,6 @@ class CompileLog:
 
 
 COMPILES = CompileLog()
-
-
-def parse_model(spec: str) -> tuple[str, int]:
-    name, _, size = spec.partition("@")
-    if name not in models.names():
-        raise ValueError(f"train.py: unknown model {name!r} in --models; choose from {models.names()}")
-    if not size:
-        return name, models.default_image_size(name)
-    if not size.isdigit() or int(size) < 1:
-        raise ValueError(f"train.py: image size in --models {spec!r} must be a positive integer")
-    return name, int(size)
-
-
-def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedule="constant", **model_options):
-    """(train_step, state, totals, tx, model) on `mesh`, built as the runner builds them."""
-    model = models.create(name, image_size=image_size, **model_options)
-    train_def, _, params, batch_stats = train.split_model(model)
-    tx = train.make_optimizer(optimizer, lr, total_steps=1000, schedule=schedule)
-    # As the runner places them: a jitted identity, which also copies, so the
-    # step's donation leaves the model's own arrays alive.
-    replicate = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
-    state = replicate(train.create_train_state(params, batch_stats, tx, seed=0))
-    totals = replicate(train.zero_totals())
-    return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals, tx, model
 
 
 def timed_chunks(step, state, totals, batches, steps: int, repeats: int):

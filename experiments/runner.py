@@ -271,10 +271,9 @@ def run(parser, args, model_name: str, model_options: dict, stop: _StopFlag) -> 
         weight_decay=args.weight_decay,
     )
     mesh = train.data_mesh()
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     # A jitted identity places host values on every device of every process (device_put can't across hosts).
-    replicate = jax.jit(lambda tree: tree, out_shardings=replicated)
+    replicate = train.replicator(mesh)
     state = replicate(train.create_train_state(params, batch_stats, tx, args.seed))
     totals = replicate(train.zero_totals())
     train_step = train.make_train_step(train_def, tx, mesh, image_size=image_size)

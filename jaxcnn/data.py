@@ -116,8 +116,7 @@ def _read_idx(file, *, ndim: int) -> np.ndarray:
     size = int(np.prod(shape))
     if len(data) - header != size:
         raise ValueError(
-            f"load: {file} header promises shape {shape} ({size} bytes of data) "
-            f"but the file holds {len(data) - header}"
+            f"load: {file} header promises shape {shape} ({size} bytes of data) but the file holds {len(data) - header}"
         )
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
@@ -219,7 +218,9 @@ def _local_batch_size(fn, global_batch_size, process_index, process_count) -> in
     _check_int(fn, "process_count", process_count, 1)
     _check_int(fn, "process_index", process_index, 0, process_count - 1)
     if global_batch_size % process_count:
-        raise ValueError(f"{fn}: global_batch_size {global_batch_size} does not divide by process_count {process_count}")
+        raise ValueError(
+            f"{fn}: global_batch_size {global_batch_size} does not divide by process_count {process_count}"
+        )
     return global_batch_size // process_count
 
 
@@ -230,13 +231,19 @@ def num_train_batches(split: Split, global_batch_size: int) -> int:
 
 
 def train_batches(
-    split: Split, global_batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
-    process_index: int = 0, process_count: int = 1,
+    split: Split,
+    global_batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's slice of each shuffled global batch; order is a function of (seed, epoch) only."""
     local = _local_batch_size("train_batches", global_batch_size, process_index, process_count)
     _check_int("train_batches", "global_batch_size", global_batch_size, 1, len(split.labels))
-    steps = num_train_batches(split, global_batch_size)
+    steps = len(split.labels) // global_batch_size  # num_train_batches(split, B), B being checked already
     _check_int("train_batches", "seed", seed, 0)
     _check_int("train_batches", "epoch", epoch, 0)
     _check_int("train_batches", "start_batch", start_batch, 0, steps)

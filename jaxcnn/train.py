@@ -134,6 +134,14 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices, ("data",))
 
 
+def replicator(mesh: Mesh):
+    """A jitted identity that places a pytree replicated on every device of every process of `mesh`.
+
+    It copies, so donating its output to a step leaves the input's arrays alive.
+    """
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *, image_size: int | None):
     """train_step(state, totals, images, labels) -> (state, totals), jitted with state and totals donated."""
     replicated = NamedSharding(mesh, P())
@@ -164,9 +172,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *, i
             "correct": totals["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
             "count": totals["count"] + n,
             # The step number as users count it: the first step is 1.
-            "first_bad_step": jnp.where(
-                (totals["first_bad_step"] < 0) & ~finite, state.step, totals["first_bad_step"]
-            ),
+            "first_bad_step": jnp.where((totals["first_bad_step"] < 0) & ~finite, state.step, totals["first_bad_step"]),
         }
         return state, totals
 

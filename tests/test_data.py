@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import data
+from jaxcnn import data, train
 
 
 def raw_idx(array):
@@ -47,8 +47,10 @@ def random_idx_splits(seed=0):
 
 def index_split(n):
     """Image i is filled with i and has label i, so batches can be traced back to examples."""
-    return data.Split(np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1)).copy(),
-                      np.arange(n, dtype=np.int32))
+    return data.Split(
+        np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1)).copy(),
+        np.arange(n, dtype=np.int32),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -107,7 +109,9 @@ def test_malformed_idx_names_the_file(tmp_path, case):
         data.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("spoil", [lambda gz: b"not gzip at all", lambda gz: gz[: len(gz) // 2]], ids=["garbage", "cut"])
+@pytest.mark.parametrize(
+    "spoil", [lambda gz: b"not gzip at all", lambda gz: gz[: len(gz) // 2]], ids=["garbage", "cut"]
+)
 def test_bad_gzip_names_the_file(tmp_path, spoil):
     write_idx_dir(tmp_path, random_idx_splits(), gz=True)
     file = tmp_path / "t10k-images-idx3-ubyte.gz"
@@ -189,7 +193,7 @@ def test_eval_batches_cover_every_example_once_and_mask_the_padding():
                 np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
                 seen.append(labels[mask])
         np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(10))
-    (_, labels, mask), = list(data.eval_batches(split, 4))[-1:]
+    ((_, labels, mask),) = list(data.eval_batches(split, 4))[-1:]
     np.testing.assert_array_equal(mask, [True, True, False, False])
     np.testing.assert_array_equal(labels[mask], [8, 9])
 
@@ -230,7 +234,9 @@ def test_preprocess_scales_to_unit_range(uint8_images, dtype):
     x = jax.jit(data.preprocess, static_argnums=(1, 2))(uint8_images, None, dtype)
     chex.assert_type(x, dtype)
     chex.assert_shape(x, uint8_images.shape)
-    np.testing.assert_allclose(np.asarray(x, np.float32), uint8_images / 255, rtol=2**-8 if dtype == jnp.bfloat16 else 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(x, np.float32), uint8_images / 255, rtol=2**-8 if dtype == jnp.bfloat16 else 1e-6
+    )
 
 
 @pytest.mark.parametrize("size", [11, 3])  # up and down
@@ -254,8 +260,7 @@ def test_preprocess_bad_input():
 
 
 def test_prefetch_transfers_ahead_lazily():
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharding = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec("data"))
     batches = list(data.eval_batches(index_split(10 * jax.device_count()), 2 * jax.device_count()))
     consumed = []
 
@@ -311,10 +316,13 @@ def tiny_tfds_dir(tmp_path):
             VERSION = tfds.core.Version("1.0.0")
 
             def _info(self):
-                features = {"image": tfds.features.Tensor(shape=(4, 3, 1), dtype=np.uint8),
-                            "label": tfds.features.ClassLabel(num_classes=3)}
-                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                             supervised_keys=("image", "label"))
+                features = {
+                    "image": tfds.features.Tensor(shape=(4, 3, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                }
+                return tfds.core.DatasetInfo(
+                    builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label")
+                )
 
             def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples(range(5)), "test": self._generate_examples(range(5, 8))}

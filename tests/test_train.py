@@ -26,8 +26,11 @@ def setup(name="lenet", optimizer="adam", lr=1e-3, **options):
     tx = train.make_optimizer(optimizer, lr, total_steps=100)
     mesh = train.data_mesh()
     state = train.create_train_state(params, batch_stats, tx, seed=0)
-    return (state, train.make_train_step(train_def, tx, mesh, image_size=28),
-            train.make_eval_step(eval_def, mesh, image_size=28))
+    return (
+        state,
+        train.make_train_step(train_def, tx, mesh, image_size=28),
+        train.make_eval_step(eval_def, mesh, image_size=28),
+    )
 
 
 def test_state_is_a_pure_pytree_of_arrays():
@@ -42,7 +45,6 @@ def test_state_is_a_pure_pytree_of_arrays():
 def test_train_steps_lower_the_loss_and_count(digits):
     images, labels = digits
     state, train_step, _ = setup(activation="relu", lr=3e-3)
-    totals = train.zero_totals()
     losses = []
     for _ in range(15):
         totals = train.zero_totals()
@@ -66,8 +68,9 @@ def test_batch_statistics_update_in_train_steps_only(digits):
     images, labels = digits
     state, train_step, eval_step = setup("lenet_bn")
     before = jax.tree.map(np.asarray, state.batch_stats)
-    totals = eval_step(state.params, state.batch_stats, train.zero_totals(), images[:BATCH], labels[:BATCH],
-                       np.ones(BATCH, bool))
+    eval_step(
+        state.params, state.batch_stats, train.zero_totals(), images[:BATCH], labels[:BATCH], np.ones(BATCH, bool)
+    )
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.batch_stats), before)
     state, _ = train_step(state, train.zero_totals(), images[:BATCH], labels[:BATCH])
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.tree.map(np.asarray, state.batch_stats), before)
@@ -129,10 +132,13 @@ def test_sgd_is_the_chapters_update():
     np.testing.assert_allclose(updates["w"], [-0.05, 0.1])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="rmsprop"), "optimizer must be one of"),
-    (dict(name="sgd", schedule="step"), "schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="rmsprop"), "optimizer must be one of"),
+        (dict(name="sgd", schedule="step"), "schedule must be one of"),
+    ],
+)
 def test_make_optimizer_rejects_unknowns(kwargs, message):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=message):
