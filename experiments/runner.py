@@ -82,74 +82,38 @@ def build_parser(defaults: dict, model_flags) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--accelerator",
-        choices=ACCELERATORS,
-        default="auto",
-        help="where to train; one that is not there is an error, never a silent fallback",
-    )
-    add(
-        "--dataset",
-        default="fashion_mnist",
-        help="'mnist_10k' (bundled, offline), a TFDS name (fashion_mnist, mnist, ...), or a directory of the four IDX files",
-    )
+    # fmt: off
+    add("--accelerator", choices=ACCELERATORS, default="auto",
+        help="where to train; one that is not there is an error, never a silent fallback")
+    add("--dataset", default="fashion_mnist",
+        help="'mnist_10k' (bundled, offline), a TFDS name (fashion_mnist, mnist, ...), or a directory of the four IDX files")
     add("--data-dir", default=None, help="TFDS data directory (where prepared TFDS datasets live)")
     add("--epochs", type=_positive_int, default=defaults["epochs"], help="passes over the training set")
-    add(
-        "--batch-size",
-        type=_positive_int,
-        default=defaults["batch_size"],
-        help="global batch size, split evenly over all devices (must divide by the device count)",
-    )
+    add("--batch-size", type=_positive_int, default=defaults["batch_size"],
+        help="global batch size, split evenly over all devices (must divide by the device count)")
     add("--lr", type=_positive_float, default=defaults["lr"], help="peak learning rate")
-    add(
-        "--optimizer",
-        choices=train.OPTIMIZERS,
-        default=defaults["optimizer"],
-        help="sgd (the chapters'), sgd with momentum 0.9, adam, adamw",
-    )
+    add("--optimizer", choices=train.OPTIMIZERS, default=defaults["optimizer"],
+        help="sgd (the chapters'), sgd with momentum 0.9, adam, adamw")
     add("--schedule", choices=train.SCHEDULES, default="constant", help="learning-rate schedule after warm-up")
     add("--warmup-epochs", type=_non_negative_float, default=0.0, help="linear warm-up from 0, in epochs")
-    add(
-        "--weight-decay",
-        type=_non_negative_float,
-        default=0.0,
-        help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw",
-    )
+    add("--weight-decay", type=_non_negative_float, default=0.0,
+        help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw")
     add("--seed", type=_non_negative_int, default=0, help="initialisation, data order and dropout")
-    add(
-        "--workdir",
-        default=None,
-        help="where the run writes everything (default: a new runs/%s-DATE-TIME)" % defaults["entry"],
-    )
+    add("--workdir", default=None,
+        help="where the run writes everything (default: a new runs/%s-DATE-TIME)" % defaults["entry"])
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in --workdir")
-    add(
-        "--image-size",
-        type=_positive_int,
-        default=None,
-        help="resize images to this square size (default: the chapter's size for the model)",
-    )
-    add(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="compute dtype; parameters and the loss stay float32 (bfloat16 for GPUs and TPUs)",
-    )
-    add(
-        "--checkpoint-every",
-        type=_non_negative_int,
-        default=0,
-        help="also checkpoint every N steps (0: only at the end of each epoch)",
-    )
+    add("--image-size", type=_positive_int, default=None,
+        help="resize images to this square size (default: the chapter's size for the model)")
+    add("--dtype", choices=DTYPES, default="float32",
+        help="compute dtype; parameters and the loss stay float32 (bfloat16 for GPUs and TPUs)")
+    add("--checkpoint-every", type=_non_negative_int, default=0,
+        help="also checkpoint every N steps (0: only at the end of each epoch)")
     add("--keep-checkpoints", type=_positive_int, default=3, help="how many recent checkpoints to keep")
-    add(
-        "--log-every",
-        type=_positive_int,
-        default=50,
-        help="steps between progress updates (the only host syncs inside an epoch)",
-    )
+    add("--log-every", type=_positive_int, default=50,
+        help="steps between progress updates (the only host syncs inside an epoch)")
     add("--train-examples", type=_positive_int, default=None, help="use only the first N training examples")
     add("--test-examples", type=_positive_int, default=None, help="use only the first N test examples")
+    # fmt: on
     group = parser.add_argument_group("multi-host (jax.distributed)")
     group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     group.add_argument("--num-processes", type=_positive_int, default=None, help="number of processes (hosts)")
