@@ -1,11 +1,11 @@
-"""What the train-step benchmarks share: their --models specs, and the step and state as the runner builds them.
+"""What the train-step benchmarks share: their --models specs, and the step and state as a run builds them.
 
 The scripts run as `python benchmarks/x.py`, which puts this directory on sys.path: `from _common import ...`.
 """
 
 from __future__ import annotations
 
-from jaxcnn import models, train
+from jaxcnn import models, run
 
 
 def parse_model(spec: str, prog: str) -> tuple[str, int]:
@@ -21,12 +21,11 @@ def parse_model(spec: str, prog: str) -> tuple[str, int]:
 
 
 def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedule="constant", **model_options):
-    """(train_step, state, totals, tx, model) on `mesh`, built as the runner builds them (default: the chapters' SGD)."""
-    model = models.create(name, image_size=image_size, **model_options)
-    train_def, _, params, batch_stats = train.split_model(model)
-    tx = train.make_optimizer(optimizer, lr, total_steps=1000, schedule=schedule)
-    # Replicated as the runner places them; a copy, so the step's donation leaves the model's own arrays alive.
-    replicate = train.replicator(mesh)
-    state = replicate(train.create_train_state(params, batch_stats, tx, seed=0))
-    totals = replicate(train.zero_totals())
-    return train.make_train_step(train_def, tx, mesh, image_size=image_size), state, totals, tx, model
+    """(train_step, state, totals, tx, model) on `mesh`, built by `jaxcnn.run.create_trainer` as a run builds them.
+
+    Default: the chapters' SGD; 1000 steps for a schedule to span.
+    """
+    config = run.RunConfig(model=name, image_size=image_size, optimizer=optimizer, lr=lr, schedule=schedule,
+                           epochs=1, model_options=model_options)
+    trainer = run.create_trainer(config, num_classes=10, in_channels=1, steps_per_epoch=1000, mesh=mesh)
+    return trainer.train_step, trainer.state, trainer.totals, trainer.tx, trainer.model

@@ -90,7 +90,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from jaxcnn import _lowering, models, ops, train  # noqa: E402
+from jaxcnn import _lowering, ops, run  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -193,22 +193,18 @@ def matmul_peak_gflops(repeats: int, n: int = 2048) -> float:
 
 
 def jax_train_step(name: str, size: int, images: np.ndarray, labels: np.ndarray, steps: int):
-    model = models.create(MODELS[name][0], image_size=size)
-    train_def, _, params, batch_stats = train.split_model(model)
-    tx = train.make_optimizer("sgd", 0.01, total_steps=10**6)
-    mesh = train.data_mesh()
-    step = train.make_train_step(train_def, tx, mesh, image_size=None)
-    # Placed as the runner places them, so the first step's outputs match its inputs (no second compile).
-    holder = train.replicator(mesh)({"state": train.create_train_state(params, batch_stats, tx, seed=0),
-                                     "totals": train.zero_totals()})  # fmt: skip
+    # Built as a run builds it (replicated state, so the first step's outputs match its inputs: no second compile).
+    config = run.RunConfig(model=MODELS[name][0], image_size=size, optimizer="sgd", lr=0.01, epochs=1)
+    trainer = run.create_trainer(config, num_classes=10, in_channels=1, steps_per_epoch=10**6)
+    step, holder = trainer.train_step, {"state": trainer.state, "totals": trainer.totals}  # images come at `size`
     images, labels = jax.device_put(images), jax.device_put(labels)
 
-    def run():
+    def run_steps():
         for _ in range(steps):
             holder["state"], holder["totals"] = step(holder["state"], holder["totals"], images, labels)
         jax.block_until_ready(holder["state"])
 
-    return run
+    return run_steps
 
 
 def torch_train_step(name: str, images: np.ndarray, labels: np.ndarray, steps: int):

@@ -2,7 +2,10 @@
 
 from experiments import runner
 
-DEFAULTS = dict(entry="resnet", title="ResNet-18", lr=0.01, optimizer="sgd", batch_size=128, epochs=10)
+
+def main(argv=None) -> int:
+    return runner.main("resnet", "resnet18", "ResNet-18", argv=argv)
+
 
 if __name__ == "__main__":
-    raise SystemExit(runner.main("resnet18", DEFAULTS))
+    runner.run_command(main)

@@ -5,17 +5,20 @@ step, rng), the running totals of the epoch in progress and a JSON `meta`
 (epoch, batch within the epoch): everything needed to continue a run exactly.
 Orbax writes each save to a temporary directory and renames it when complete,
 so a run killed during a save leaves the previous checkpoints intact; a
-checkpoint that is damaged later is skipped with a warning, falling back to
-the previous one.
+checkpoint that is damaged later, or holds arrays that no longer match its
+checksums, or belongs to another run, is set aside and the previous one used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
+import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -28,8 +31,36 @@ def manager(directory: str | Path, *, keep: int) -> ocp.CheckpointManager:
     )
 
 
+@jax.jit
+def checksums(tree) -> jax.Array:
+    """uint32 (leaves, 2): two position-weighted sums of each array's bits, computed where the arrays are.
+
+    Each weight is odd, so flipping any one bit changes both sums (mod 2**32); other damage goes
+    unnoticed with odds of about 2**-64. Cheap enough for every save: one pass over the state.
+    """
+    sums = []
+    for leaf in jax.tree.leaves(tree):
+        leaf = jnp.asarray(leaf)
+        width = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[leaf.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(leaf, width).astype(jnp.uint32).ravel()
+        i = jnp.arange(bits.size, dtype=jnp.uint32)
+        first = jnp.sum(bits * (i * jnp.uint32(0x9E3779B1) | 1))
+        second = jnp.sum((bits ^ (bits >> 13)) * (i * jnp.uint32(0x85EBCA77) + jnp.uint32(0x27D4EB2F) | 1))
+        sums.append(jnp.stack([first, second]))
+    return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
+
+
+def _checksum(state, totals) -> list[list[int]]:
+    return np.asarray(checksums((state, totals))).tolist()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, totals, meta: dict) -> None:
-    """Starts an asynchronous save; orbax finishes it in the background."""
+    """Starts an asynchronous save of step `step`; orbax finishes it in the background.
+
+    meta (JSON) must hold the run's place: "epoch" and "batch" within it, "config" (with its
+    "run_id"). The save adds "step" and the checksums of state and totals, which restore checks.
+    """
+    meta = {**meta, "step": int(step), "checksums": _checksum(state, totals)}
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -41,35 +72,57 @@ def save(mngr: ocp.CheckpointManager, step: int, state, totals, meta: dict) -> N
     )
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state_like, totals_like):
-    """(step, state, totals, meta) of the newest checkpoint that restores, or None if there is none.
+def latest_meta(mngr: ocp.CheckpointManager) -> dict:
+    """The meta of the newest checkpoint that has a readable one ({} if none)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            with _quiet_orbax():
+                meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # damaged: restore_latest will say so and set it aside
+            continue
+        if isinstance(meta, dict):
+            return dict(meta)
+    return {}
 
-    `state_like`/`totals_like` are pytrees of arrays or ShapeDtypeStructs
-    (with shardings) giving the structure to restore into.
+
+def restore_latest(
+    mngr: ocp.CheckpointManager, state_like, totals_like, *, run_id: str, steps_per_epoch: int, on_damaged=None
+):
+    """(step, state, totals, meta) of the newest checkpoint that restores and checks out, or None if there is none.
+
+    `state_like`/`totals_like` are pytrees of arrays or ShapeDtypeStructs (with shardings) giving the
+    structure to restore into. A checkpoint is used only if it restores, its arrays match its checksums,
+    it belongs to run `run_id`, and its step agrees with its meta and with the state's own step. Any
+    other is moved aside to `<step>.damaged` (never deleted), `on_damaged` is told why, and the one
+    before is tried. Raises ValueError when checkpoints exist but none is usable.
     """
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (state_like, totals_like))
     steps = sorted(mngr.all_steps(), reverse=True)
     damaged = []
+    found = None
     for step in steps:
+        path = Path(mngr.directory) / str(step)
         try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract(state_like)),
-                    totals=ocp.args.StandardRestore(abstract(totals_like)),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            with _quiet_orbax():
+                restored = mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract[0]),
+                        totals=ocp.args.StandardRestore(abstract[1]),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+            problem = _problem(step, restored, run_id, steps_per_epoch)
         except Exception as error:  # Orbax and TensorStore raise many kinds for damaged files.
-            path = Path(mngr.directory) / str(step)
-            reason = str(error).splitlines()[0][:200] if str(error) else ""
-            print(f"warning: checkpoint {path} is damaged ({type(error).__name__}: {reason}); "
-                  f"moved aside to {path.name}.damaged, trying the previous one", file=sys.stderr)
-            damaged.append(path)
-            continue
-        break
-    else:
-        step = None
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if problem is None:
+            found = step, restored.state, restored.totals, dict(restored.meta)
+            break
+        if on_damaged is not None and jax.process_index() == 0:
+            on_damaged(
+                f"checkpoint {path} is damaged ({problem}); moved aside to {path.name}.damaged, trying the previous one"
+            )
+        damaged.append(path)
     if damaged:
         # Set the damaged ones aside (never delete) so this run can save those steps again.
         if jax.process_index() == 0:
@@ -81,14 +134,46 @@ def restore_latest(mngr: ocp.CheckpointManager, state_like, totals_like):
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxcnn: damaged checkpoints moved")
         mngr.reload()
-    if step is not None:
-        return step, restored.state, restored.totals, dict(restored.meta)
-    if steps:
+    if found is None and steps:
         raise ValueError(
-            f"no checkpoint in {mngr.directory} could be restored (steps {steps} all damaged); "
-            "start a new run in another --workdir"
+            f"no checkpoint in {mngr.directory} could be restored (steps {steps} all damaged or from "
+            "another run); start a new run in another workdir"
         )
+    return found
+
+
+def _problem(step: int, restored, run_id: str, steps_per_epoch: int) -> str | None:
+    """Why a restored checkpoint cannot be used, or None."""
+    meta = restored.meta
+    want = {"epoch": int, "batch": int, "step": int, "history": list, "config": dict, "checksums": list}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in want.items()):
+        return "its meta lacks " + ", ".join(k for k, t in want.items() if not isinstance(meta.get(k), t))
+    if meta["config"].get("run_id") != run_id:
+        return f"it belongs to run {meta['config'].get('run_id')!r}, not this workdir's {run_id!r}"
+    place = meta["epoch"] * steps_per_epoch + meta["batch"]
+    state_step = int(restored.state.step)
+    if not (step == meta["step"] == place == state_step) or not 0 <= meta["batch"] < steps_per_epoch:
+        return (
+            f"its step {step} disagrees with its meta (step {meta['step']}, epoch {meta['epoch']}, "
+            f"batch {meta['batch']}) or its state's step {state_step}"
+        )
+    if meta["checksums"] != _checksum(restored.state, restored.totals):
+        return "its arrays do not match their checksums"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax and absl log whole tracebacks for a damaged checkpoint; restore_latest says it in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "tensorstore")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def save_model(directory: str | Path, params, batch_stats) -> None:
@@ -102,24 +187,24 @@ def save_model(directory: str | Path, params, batch_stats) -> None:
 
 
 def load_model(workdir: str | Path):
-    """Rebuilds the model a runner workdir trained (config.json) and loads its final weights."""
-    from jaxcnn import models
+    """(model, config) of a finished run: the model it trained (its dtype too), in eval mode, with its final weights."""
+    from jaxcnn import run
 
     workdir = Path(workdir)
     config_path, model_path = workdir / "config.json", workdir / "model"
     if not config_path.exists() or not model_path.exists():
         raise ValueError(f"load_model: {workdir} holds no finished run (needs config.json and model/)")
-    config = json.loads(config_path.read_text())
-    model = models.create(
-        config["model"],
-        num_classes=config["num_classes"],
-        in_channels=config["in_channels"],
-        image_size=config["image_size"],
-        seed=config["seed"],
-        **config["model_options"],
-    )
+    try:
+        config = json.loads(config_path.read_text())
+        run_config = run.RunConfig.from_json(config)
+        model = run.create_model(run_config, num_classes=config["num_classes"], in_channels=config["in_channels"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"load_model: {config_path} is not a run's config ({error})") from None
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    target = {"params": nnx.to_pure_dict(nnx.as_pure(params)), "batch_stats": nnx.to_pure_dict(nnx.as_pure(batch_stats))}
+    target = {
+        "params": nnx.to_pure_dict(nnx.as_pure(params)),
+        "batch_stats": nnx.to_pure_dict(nnx.as_pure(batch_stats)),
+    }
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(model_path.absolute(), target)
     nnx.replace_by_pure_dict(params, restored["params"])

@@ -51,6 +51,21 @@ def split_model(model: nnx.Module):
     return train_def, eval_def, nnx.as_pure(params), nnx.as_pure(batch_stats)
 
 
+def make_schedule(
+    learning_rate: float, *, total_steps: int, schedule: str = "constant", warmup_steps: int = 0
+) -> optax.Schedule:
+    """The learning rate at each step (counting from 0): linear warm-up from 0, then constant or cosine to 0."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"make_schedule: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0
+        )
+    if warmup_steps:
+        return optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps)
+    return optax.constant_schedule(learning_rate)
+
+
 def make_optimizer(
     name: str,
     learning_rate: float,
@@ -64,16 +79,9 @@ def make_optimizer(
     """optax optimizer as PyTorch's: weight_decay is L2 for sgd/momentum/adam, decoupled for adamw."""
     if name not in OPTIMIZERS:
         raise ValueError(f"make_optimizer: optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"make_optimizer: schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0
-        )
-    elif warmup_steps:
-        lr = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps)
-    else:
-        lr = learning_rate
+    lr = make_schedule(learning_rate, total_steps=total_steps, schedule=schedule, warmup_steps=warmup_steps)
+    if schedule == "constant" and not warmup_steps:
+        lr = learning_rate  # a float, not a schedule: the optimizer state keeps no count for it
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
     base = {

@@ -19,7 +19,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lenet") / "run"
     argv = ["--dataset", "mnist_10k", "--train-examples", "256", "--test-examples", "64", "--batch-size", "32",
             "--epochs", "1", "--workdir", str(workdir)]  # fmt: skip
-    assert lenet.runner.main("lenet", lenet.DEFAULTS, lenet.flags, lenet.options, argv=argv) == 0
+    assert lenet.main(argv) == 0
     return workdir
 
 

@@ -28,8 +28,7 @@ LENET_FAST = TINY + ["--activation", "relu", "--pooling", "max", "--optimizer", 
 
 
 def run_lenet(workdir, *extra):
-    return lenet.runner.main("lenet", lenet.DEFAULTS, lenet.flags, lenet.options,
-                             argv=[*LENET_FAST, "--workdir", str(workdir), *extra])
+    return lenet.main([*LENET_FAST, "--workdir", str(workdir), *extra])
 
 
 def metrics(workdir) -> list[dict]:
@@ -102,11 +101,8 @@ def test_same_seed_same_metrics_to_the_last_digit(reference, tmp_path, capsys):
     ],
 )
 def test_vgg_and_resnet_run_tiny(tmp_path, module, argv):
-    name = {vgg: "vgg11", resnet: "resnet18"}[module]
     extra = [*TINY, "--train-examples", "64", "--test-examples", "40", "--epochs", "1", "--workdir", str(tmp_path)]
-    flags = getattr(module, "flags", lambda group: None)
-    options = getattr(module, "options", lambda args: {})
-    assert module.runner.main(name, module.DEFAULTS, flags, options, argv=[*argv, *extra]) == 0
+    assert module.main([*argv, *extra]) == 0
     (record,) = metrics(tmp_path)
     assert record["step"] == 2 and 0.0 <= record["test_accuracy"] <= 1.0
     assert (tmp_path / "curves.png").exists() and (tmp_path / "model").is_dir()
@@ -117,7 +113,7 @@ def test_refuses_to_overwrite_a_run(reference, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_lenet(reference, "--epochs", "1")
     assert exit_info.value.code == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds files" in capsys.readouterr().err
     assert (reference / "metrics.jsonl").read_text() == before
 
 
@@ -133,27 +129,28 @@ def test_resume_extends_a_finished_run(reference, tmp_path, capsys):
     [
         (["--epochs", "-1"], "--epochs: must be a positive integer"),
         (["--batch-size", "0"], "--batch-size: must be a positive integer"),
-        (["--dataset", "no_such_dataset"], "--dataset no_such_dataset"),
+        (["--dataset", "no_such_dataset"], "dataset 'no_such_dataset'"),
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--accelerator", "tpu"], "no TPU is available"),
+        (["--accelerator", "gpu"], "pip install -e '.[cuda]'"),
+        (["--seed", str(2**32)], "--seed: must be below 2**32"),
+        (["--workdir", ""], "--workdir must not be empty"),
         (["--resume"], "--resume needs the --workdir"),
         (["--batch-size", "100000"], "larger than the"),
     ],
 )
 def test_bad_flags_are_argparse_errors(argv, message, capsys, tmp_path):
-    extra = [] if "--resume" in argv else ["--workdir", str(tmp_path / "w")]
+    extra = [] if "--resume" in argv or "--workdir" in argv else ["--workdir", str(tmp_path / "w")]
     with pytest.raises(SystemExit) as exit_info:
-        lenet.runner.main("lenet", lenet.DEFAULTS, lenet.flags, lenet.options, argv=[*TINY, *argv, *extra])
+        lenet.main([*TINY, *argv, *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err
 
 
 def test_divergence_stops_with_the_step(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_lenet(tmp_path, "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30", "--log-every", "2")
-    assert exit_info.value.code == 3
+    assert run_lenet(tmp_path, "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30", "--log-every", "2") == 3
     out = capsys.readouterr().out
     assert "training diverged: non-finite loss or gradient at step" in out
     step = int(out.split("at step ")[1].split(";")[0])
@@ -183,6 +180,47 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     assert learned(metrics(tmp_path)) == learned(metrics(reference))
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_the_first_does_not_notice(reference, tmp_path):
+    args = ["-m", "experiments.lenet", *LENET_FAST, "--epochs", "2", "--log-every", "1", "--workdir", str(tmp_path)]
+    first = subprocess_run(args)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if "epoch 1 step 1/8" in line:
+            first.send_signal(signal.SIGSTOP)  # holds its lock, mid-run, while the others try
+            break
+    try:
+        for extra in ([], ["--resume"]):
+            second = subprocess_run([*args, *extra])
+            out = second.communicate(timeout=60)[0]
+            assert second.returncode == 2 and f"is in use by pid {first.pid} on " in out, out
+            assert "Traceback" not in out
+    finally:
+        first.send_signal(signal.SIGCONT)
+    rest = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, "".join(lines) + rest
+    assert learned(metrics(tmp_path)) == learned(metrics(reference))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    args = ["-m", "experiments.lenet", *LENET_FAST, "--epochs", "50", "--log-every", "1", "--workdir", str(tmp_path)]
+    proc = subprocess_run(args)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1 step 2/8" in line:
+            break
+    # Ctrl-C held down: signals sent together merge into one, so keep sending until the process is gone.
+    proc.send_signal(signal.SIGINT)
+    while proc.poll() is None:
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output, output
+    assert "interrupted; the checkpoints saved so far are intact" in output or "stopped by SIGINT" in output
+
+
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):
     args = ["-m", "experiments.lenet", *LENET_FAST, "--epochs", "3", "--log-every", "1", "--workdir", str(tmp_path)]
     proc = subprocess_run(args)
@@ -210,7 +248,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, 
     capsys.readouterr()
     assert run_lenet(run, "--epochs", "2", "--resume") == 0
     out, err = capsys.readouterr()
-    assert f"checkpoint {checkpoints / '16'} is damaged" in err
+    assert f"checkpoint {checkpoints / '16'} is damaged" in out
+    assert "Traceback" not in out + err
     assert "resuming from step 12" in out
     assert learned(metrics(run)) == learned(metrics(reference))
     assert (checkpoints / "16.damaged").is_dir() and (checkpoints / "16").is_dir()  # set aside, then saved anew
@@ -221,9 +260,7 @@ def test_all_checkpoints_damaged_is_a_clear_error(reference, tmp_path, capsys):
     for path in (run / "checkpoints").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
-    with pytest.raises(SystemExit) as exit_info:
-        run_lenet(run, "--epochs", "3", "--resume")
-    assert exit_info.value.code == 1
+    assert run_lenet(run, "--epochs", "3", "--resume") == 1
     assert "could be restored" in capsys.readouterr().err
 
 

@@ -1,0 +1,412 @@
+"""jaxcnn.run as a library: RunConfig, train_and_evaluate, and a workdir that survives accidents.
+
+In-process where they can be (jax is imported once); the lock, kill and signal tests are in
+test_runner.py, as subprocesses.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxcnn import checkpoint, run
+from jaxcnn.run import RunConfig
+
+# Eight train steps and two eval batches per epoch, as test_runner's TINY.
+TINY = dict(
+    dataset="mnist_10k",
+    train_examples=256,
+    test_examples=96,
+    batch_size=32,
+    optimizer="adam",
+    lr=0.003,
+    model_options={"activation": "relu", "pooling": "max"},
+)
+
+
+def tiny(**changes) -> RunConfig:
+    return RunConfig(**({"model": "lenet"} | TINY | changes))
+
+
+def learned(records) -> list[tuple]:
+    return [
+        (r["epoch"], r["step"], r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"])
+        for r in records
+    ]
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Recorder(run.Hooks):
+    def __init__(self, stop_after: int = 0):
+        """stop_after: ask to stop once this many train progress reports came."""
+        self.calls, self.stop_after, self.reports = [], stop_after, 0
+
+    def on_message(self, text):
+        self.calls.append(("message", text))
+
+    def on_compile(self, what, seconds):
+        self.calls.append(("compile", what, seconds))
+
+    def on_progress(self, phase, done, values):
+        self.calls.append(("progress", phase, done, values))
+        self.reports += phase == "train"
+
+    def on_epoch_end(self, record):
+        self.calls.append(("epoch", record["epoch"]))
+
+    def stop_requested(self):
+        return 15 if self.stop_after and self.reports >= self.stop_after else 0
+
+    def messages(self) -> str:
+        return "\n".join(c[1] for c in self.calls if c[0] == "message")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 2-epoch run with a checkpoint every 4 steps (kept: 8, 12, 16), and what it reported."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    hooks = Recorder()
+    records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, hooks=hooks)
+    return workdir, records, hooks
+
+
+def copy_run(finished, tmp_path) -> Path:
+    return Path(shutil.copytree(finished[0], tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------
+# RunConfig.
+
+
+def test_config_round_trips_through_json_and_fills_the_chapter_values():
+    config = tiny(epochs=3, schedule="cosine")
+    assert RunConfig.from_json(config.to_json()) == config
+    resolved = RunConfig(model="resnet18").resolved()
+    assert (resolved.lr, resolved.optimizer, resolved.batch_size, resolved.epochs, resolved.image_size) == (
+        0.01,
+        "sgd",
+        128,
+        10,
+        96,
+    )
+    # The registry's option defaults are part of the effective config: naming one equals leaving it out.
+    assert (
+        RunConfig(model="lenet").resolved()
+        == RunConfig(model="lenet", image_size=28, model_options={"activation": "sigmoid"}).resolved()
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(model="lenet5"), "model"),
+        (dict(model_options={"width_divisor": 2}), "model_options"),
+        (dict(model_options={"dtype": "bfloat16"}), "model_options"),
+        (dict(seed=2**32), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=0), "lr"),
+        (dict(epochs=0), "epochs"),
+        (dict(batch_size=True), "batch_size"),
+        (dict(image_size=0), "image_size"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(warmup_epochs=-1.0), "warmup_epochs"),
+        (dict(checkpoint_every=-1), "checkpoint_every"),
+        (dict(dataset=""), "dataset"),
+    ],
+)
+def test_bad_config_is_a_value_error_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"RunConfig: {field}"):
+        tiny(**changes)
+
+
+def test_from_json_refuses_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['learning_rate'\]"):
+        RunConfig.from_json('{"learning_rate": 0.1}')
+
+
+# --------------------------------------------------------------------------
+# The run from a notebook.
+
+
+def test_a_notebook_run_returns_its_records_and_reports_through_hooks(finished):
+    workdir, records, hooks = finished
+    assert [r["epoch"] for r in records] == [1, 2] and records == read_metrics(workdir)
+    assert records[-1]["test_accuracy"] > 0.3
+    compiles = [c for c in hooks.calls if c[0] == "compile"]
+    assert [c[1:] for c in compiles[:2]] == [("train step", None), ("eval step", None)][:1] + [compiles[1][1:]]
+    assert compiles[0][2] is None and compiles[1][1] == "train step" and compiles[1][2] > 0
+    train_progress = [c for c in hooks.calls if c[:2] == ("progress", "train")]
+    assert {"loss", "accuracy", "lr", "images_per_sec"} <= set(train_progress[0][3])
+    assert [c for c in hooks.calls if c[0] == "epoch"] == [("epoch", 1), ("epoch", 2)]
+    config = json.loads((workdir / "config.json").read_text())
+    assert None not in config.values() and config["image_size"] == 28 and config["test_examples"] == 96
+    assert RunConfig.from_json(config) == tiny(epochs=2, checkpoint_every=4, log_every=2).resolved().replace(
+        train_examples=256, test_examples=96
+    )
+
+
+def test_the_command_line_writes_the_notebook_runs_metrics(finished, tmp_path):
+    from experiments import lenet
+
+    argv = [
+        "--dataset",
+        "mnist_10k",
+        "--train-examples",
+        "256",
+        "--test-examples",
+        "96",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--activation",
+        "relu",
+        "--pooling",
+        "max",
+        "--epochs",
+        "2",
+        "--workdir",
+        str(tmp_path / "cli"),
+    ]
+    assert lenet.main(argv) == 0
+    assert learned(read_metrics(tmp_path / "cli")) == learned(finished[1])
+
+
+def test_records_keep_lr_and_time_and_steps_jsonl_keeps_the_intervals(finished):
+    workdir, records, _ = finished
+    assert all(r["lr"] == 0.003 and r["time"] > 1.7e9 and r["train_seconds"] <= r["seconds"] for r in records)
+    steps = [json.loads(line) for line in (workdir / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all({"loss", "accuracy", "lr", "images_per_sec", "epoch"} <= set(s) for s in steps)
+
+
+def test_tensorboard_events_hold_the_scalars(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished[0]))
+    events.Reload()
+    assert {"train/loss", "train/lr", "epoch/test_accuracy", "epoch/train_loss"} <= set(events.Tags()["scalars"])
+    accuracy = [(e.step, e.value) for e in events.Scalars("epoch/test_accuracy")]
+    assert accuracy == [
+        (8, pytest.approx(finished[1][0]["test_accuracy"])),
+        (16, pytest.approx(finished[1][1]["test_accuracy"])),
+    ]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_curves_png_is_a_readable_picture(finished):
+    from matplotlib.image import imread
+
+    image = imread(finished[0] / "curves.png")
+    assert image.shape[0] >= 300 and image.shape[1] >= 600
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_a_cosine_schedule_is_recorded_as_it_decays(tmp_path):
+    records = run.train_and_evaluate(tiny(epochs=2, schedule="cosine"), tmp_path / "run")
+    assert records[0]["lr"] == pytest.approx(0.003 * (1 + np.cos(np.pi * 7 / 16)) / 2)
+    assert records[1]["lr"] < records[0]["lr"]
+
+
+def test_load_model_rebuilds_the_bfloat16_model_it_trained(tmp_path):
+    import jax.numpy as jnp
+
+    workdir = tmp_path / "run"
+    run.train_and_evaluate(tiny(epochs=1, dtype="bfloat16", train_examples=64, test_examples=32), workdir)
+    model, config = checkpoint.load_model(workdir)
+    assert config["dtype"] == "bfloat16"
+    assert model.net.layers[0].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------
+# Resume.
+
+
+def test_resume_after_a_stop_request_ends_as_an_uninterrupted_run(finished, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(run.Stopped) as stopped:
+        run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, hooks=Recorder(stop_after=5))
+    assert stopped.value.exit_code == 128 + 15 and len(stopped.value.records) == 1
+    records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True)
+    assert learned(records) == learned(finished[1])
+
+
+def test_lost_and_torn_files_are_rebuilt_from_the_checkpoint(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path)
+    (workdir / "config.json").write_text("")
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text(lines[0][:20])  # epoch 1 torn, epoch 2 lost
+    (workdir / "steps.jsonl").write_text((workdir / "steps.jsonl").read_text() + '{"step": 1')
+    hooks = Recorder()
+    records = run.train_and_evaluate(tiny(epochs=3, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
+    assert "resuming from step 16" in hooks.messages()
+    assert learned(read_metrics(workdir))[:2] == learned(finished[1]) and len(records) == 3
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+    steps = [json.loads(line)["step"] for line in (workdir / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 25, 2))
+
+
+def _damage_meta(checkpoint_dir: Path, **changes):
+    path = checkpoint_dir / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "run_id":
+            meta["config"]["run_id"] = value
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("flip a byte", "checksums"),
+        ("another step's arrays", "disagrees"),
+        ("meta's checksums edited", "checksums"),
+        ("another run's", "belongs to run"),
+        ("meta says epoch 5", "disagrees"),
+        ("meta without history", "lacks history"),
+    ],
+)
+def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, damage, why):
+    workdir = copy_run(finished, tmp_path)
+    last = workdir / "checkpoints" / "16"
+    if damage == "flip a byte":
+        largest = max((p for p in (last / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        data = bytearray(largest.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        largest.write_bytes(bytes(data))
+    elif damage == "another step's arrays":
+        shutil.rmtree(last / "state")
+        shutil.copytree(workdir / "checkpoints" / "12" / "state", last / "state")
+    elif damage == "meta's checksums edited":
+        sums = json.loads((last / "meta" / "metadata").read_text())["checksums"]
+        _damage_meta(last, checksums=[[a ^ 1, b] for a, b in sums])
+    elif damage == "another run's":
+        _damage_meta(last, run_id="0" * 32)
+    elif damage == "meta says epoch 5":
+        _damage_meta(last, epoch=5)
+    else:
+        _damage_meta(last, history=None)
+    hooks = Recorder()
+    records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
+    assert f"checkpoint {last} is damaged" in hooks.messages() and why in hooks.messages()
+    assert "resuming from step 12" in hooks.messages()
+    assert learned(records) == learned(finished[1])
+    assert (workdir / "checkpoints" / "16.damaged").is_dir()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(test_examples=64), "test_examples was 96, now 64"),
+        (dict(epochs=3, schedule="cosine"), "schedule was 'constant', now 'cosine'"),
+        (dict(model_options={"activation": "sigmoid", "pooling": "max"}), "model_options was"),
+    ],
+)
+def test_resume_refuses_other_settings(finished, tmp_path, changes, message):
+    workdir = copy_run(finished, tmp_path)
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(run.SettingsDiffer, match=message):
+        run.train_and_evaluate(tiny(**(dict(epochs=2, checkpoint_every=4) | changes)), workdir, resume=True)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_resume_refuses_more_epochs_under_a_cosine_schedule_and_takes_the_default_image_size(tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny(epochs=1, schedule="cosine", train_examples=64, test_examples=32)
+    run.train_and_evaluate(config, workdir)
+    with pytest.raises(run.SettingsDiffer, match="would change the cosine schedule"):
+        run.train_and_evaluate(config.replace(epochs=2), workdir, resume=True)
+    # image_size 28 is LeNet's own: the same run, so resuming the finished run is a no-op.
+    assert learned(run.train_and_evaluate(config.replace(image_size=28), workdir, resume=True)) == learned(
+        read_metrics(workdir)
+    )
+
+
+# --------------------------------------------------------------------------
+# The workdir.
+
+
+@pytest.mark.parametrize("held", ["metrics.jsonl", "model", "curves.png", "notes.txt"])
+def test_a_workdir_holding_anything_is_refused(tmp_path, held):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / held).mkdir() if held == "model" else (workdir / held).write_text("x")
+    with pytest.raises(run.UsageError, match="already holds files"):
+        run.train_and_evaluate(tiny(epochs=1), workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([held, "lock"])
+
+
+def test_a_workdir_that_is_a_file_or_empty_is_a_usage_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(run.UsageError, match="is a file"):
+        run.train_and_evaluate(tiny(epochs=1), tmp_path / "file")
+    with pytest.raises(run.UsageError, match="non-empty path"):
+        run.train_and_evaluate(tiny(epochs=1), "")
+
+
+def test_a_workdir_in_use_is_refused_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / "lock", "w") as held:
+        held.write("pid 4242 on somehost\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(run.WorkdirInUse, match="in use by pid 4242 on somehost"):
+            run.train_and_evaluate(tiny(epochs=1), workdir, resume=True)
+    assert [p.name for p in workdir.iterdir()] == ["lock"]
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    path.write_bytes(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+@pytest.mark.parametrize("test_images, image_hw, message", [(0, 4, "no test examples"), (8, 0, "empty images")])
+def test_empty_data_is_refused(tmp_path, test_images, image_hw, message):
+    for prefix, n in (("train", 64), ("t10k", test_images)):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((n, image_hw, image_hw), np.uint8))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.zeros((n,), np.uint8))
+    with pytest.raises(run.UsageError, match=message):
+        run.train_and_evaluate(
+            tiny(dataset=str(tmp_path), epochs=1, train_examples=None, test_examples=None), tmp_path / "run"
+        )
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    write = run._write_atomic
+
+    def full(path, content):
+        if path.name == "metrics.jsonl" and content:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, content)
+
+    monkeypatch.setattr(run, "_write_atomic", full)
+    workdir = tmp_path / "run"
+    with pytest.raises(run.StorageError) as error:
+        run.train_and_evaluate(tiny(epochs=2), workdir)
+    assert "No space left on device" in str(error.value) and "\n" not in str(error.value)
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["8"]  # epoch 1's, complete
+
+
+def test_profile_writes_a_trace_of_the_train_step(tmp_path):
+    import gzip
+
+    config = tiny(epochs=1, train_examples=256, test_examples=32, profile=True, profile_steps=2)
+    run.train_and_evaluate(config, tmp_path / "run")
+    (trace,) = (tmp_path / "run" / "profile").rglob("perfetto_trace.json.gz")
+    assert b"jit_train_step" in gzip.decompress(trace.read_bytes())
