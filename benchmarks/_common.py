@@ -21,7 +21,7 @@ def parse_model(spec: str, prog: str) -> tuple[str, int]:
 
 
 def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedule="constant", **model_options):
-    """(train_step, state, totals, tx, model) on `mesh`, built as the runner builds them (default: the chapters' SGD)."""
+    """(train_step, state, totals, tx, model) on `mesh`, as the runner builds them (default: the chapters' SGD)."""
     model = models.create(name, image_size=image_size, **model_options)
     train_def, _, params, batch_stats = train.split_model(model)
     tx = train.make_optimizer(optimizer, lr, total_steps=1000, schedule=schedule)

@@ -186,14 +186,13 @@ def test_experiments_reject_bad_flags(main, argv, tmp_path, capsys):
 @pytest.mark.parametrize(
     "main, defaults",
     [
-        (edge_detection.main, {"--seed": "0", "--lr": "0.03", "--steps": "14", "--workdir": "a new runs/edge_detection-"}),
+        (edge_detection.main, {"--seed": "0", "--lr": "0.03", "--steps": "14", "--workdir": "a new runs/edge_det"}),
         (
             pooling.main,
-            {"--window": "3", "--stride": "2", "--padding": "1", "--temperature": "1", "--shift": "1",
-             "--workdir": "a new runs/pooling-"},
+            {"--window": "3", "--padding": "1", "--temperature": "1", "--shift": "1", "--workdir": "a new runs/pool"},
         ),
     ],
-)  # fmt: skip
+)
 def test_help_states_each_default_once(main, defaults, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

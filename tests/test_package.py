@@ -1,4 +1,4 @@
-"""The package as installed: one version, and its licenses."""
+"""The package as installed: one version, its licenses, and the lint settings CI enforces."""
 
 import importlib.metadata
 import tomllib
@@ -26,3 +26,9 @@ def test_licenses_are_stated_and_shipped():
     assert str(digits.relative_to(ROOT)) in project["license-files"]
     assert "Creative Commons Attribution-Share Alike 3.0 license (CC BY-SA 3.0" in " ".join(digits.read_text().split())
 
+
+def test_ci_fails_on_a_lint_error():
+    assert PYPROJECT["tool"]["ruff"]["line-length"] == 120
+    assert any(dep.startswith("ruff") for dep in PYPROJECT["project"]["optional-dependencies"]["test"])
+    ci = ROOT.joinpath(".ci", "run").read_text()
+    assert ".venv/bin/ruff check . || lint=1" in ci and ".venv/bin/ruff format --check . || lint=1" in ci
