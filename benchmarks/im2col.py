@@ -53,8 +53,14 @@ def main():
         kernel = jnp.asarray(rng.standard_normal((k, k, c, o), dtype=np.float32))
         cost = analysis.conv_cost(c, h, w, o, k, k, stride=stride, padding=padding)
         gflop = 2 * n * cost["macs"] / 1e9
-        row = {"shape": name, "x": [n, h, w, c], "w": [k, k, c, o], "stride": stride, "padding": padding,
-               "patch_to_input_size": round(k * k * cost["output_hw"][0] * cost["output_hw"][1] / (h * w), 2)}
+        row = {
+            "shape": name,
+            "x": [n, h, w, c],
+            "w": [k, k, c, o],
+            "stride": stride,
+            "padding": padding,
+            "patch_to_input_size": round(k * k * cost["output_hw"][0] * cost["output_hw"][1] / (h * w), 2),
+        }
         for label, conv in (("conv2d", ops.conv2d), ("im2col", analysis.conv2d_im2col)):
             fwd = jax.jit(lambda x, kernel, conv=conv, s=stride, p=padding: conv(x, kernel, stride=s, padding=p))
             # Squared, so the backward needs the forward's output and XLA cannot drop it.
@@ -67,11 +73,19 @@ def main():
             row[f"im2col_over_conv2d_{mode}"] = round(row[f"im2col_{mode}_ms"] / row[f"conv2d_{mode}_ms"], 2)
         rows.append(row)
 
-    print(json.dumps({
-        "benchmark": "im2col", "backend": jax.default_backend(), "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind, "repeats": args.repeats,
-        "jax": jax.__version__, "results": rows,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "im2col",
+                "backend": jax.default_backend(),
+                "devices": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind,
+                "repeats": args.repeats,
+                "jax": jax.__version__,
+                "results": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,39 +1,86 @@
-"""Small annotated heatmaps, the notes' way of showing tiny images, kernels and outputs."""
+"""The notes' small arrays drawn as annotated cells, all at one cell size, on colour scales shared across panels.
+
+Images are drawn in grey with 0 black and 1 white, as the notes' words say;
+kernels and the maps they produce on one diverging scale, symmetric about
+zero, so that +1 and -1 edges read the same in every panel.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+# Lazy and backend-free throughout: a bare Figure renders PNGs with Agg, and
+# importing matplotlib costs nothing for callers that never draw.
 
-def save_heatmaps(path, rows, *, title: str | None = None) -> None:
-    """Save a grid of heatmaps to a PNG: rows is a list of rows of (title, 2-D array) or None (an empty cell).
+DPI = 100
+FONT_SIZE = 9  # points, for titles and values in cells; matplotlib's default of 10 elsewhere
+IMAGE_CMAP = "gray"
+SIGNED_CMAP = "coolwarm"
 
-    Colours are symmetric about zero, so positive and negative edges read
-    differently; arrays of up to 8x8 cells also print their values.
+
+def image_norm():
+    from matplotlib.colors import Normalize
+
+    return Normalize(0.0, 1.0)
+
+
+def signed_norm(*arrays):
+    """One scale for all of arrays: symmetric about zero, reaching the largest magnitude (at least 1)."""
+    from matplotlib.colors import Normalize
+
+    vmax = max(1.0, *(float(np.abs(a).max()) for a in arrays))
+    return Normalize(-vmax, vmax)
+
+
+def canvas_of(*arrays) -> tuple[int, int]:
+    """The (rows, cols) of cells that holds every one of arrays."""
+    return max(np.shape(a)[0] for a in arrays), max(np.shape(a)[1] for a in arrays)
+
+
+def draw_array(ax, a, *, title: str, cmap: str, norm, canvas: tuple[int, int], annotate: bool = True) -> None:
+    """Draw the 2-D a centred on a canvas of (rows, cols) cells, its shape after the title's first line.
+
+    Every panel drawn on the same canvas, in equally sized axes, has the same
+    cell size, so a 1x2 kernel shows at its true size beside a 6x8 image.
+    Annotated cells print their value, in black or white to stand out
+    against the cell's colour.
     """
-    # Lazy and backend-free: a bare Figure renders PNGs with Agg, and importing
-    # matplotlib costs nothing for callers that never draw.
-    from matplotlib.figure import Figure
+    from matplotlib import colormaps
 
-    ncols = max(len(row) for row in rows)
-    fig = Figure(figsize=(2.4 * ncols, 2.2 * len(rows) + (0.4 if title else 0)), layout="constrained")
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            if cell is None:
-                continue
-            name, a = cell
-            a = np.asarray(a, dtype=np.float64)
-            a = a.reshape(1, -1) if a.ndim == 1 else a
-            ax = axes[r, c]
-            vmax = float(np.abs(a).max()) or 1.0
-            ax.imshow(a, cmap="coolwarm", vmin=-vmax, vmax=vmax)
-            ax.set_title(f"{name} {a.shape}", fontsize=8)
-            if max(a.shape) <= 8:
-                for (i, j), v in np.ndenumerate(a):
-                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
+    a = np.asarray(a, np.float64)
+    rows, cols = canvas
+    if a.shape[0] > rows or a.shape[1] > cols:
+        raise ValueError(f"array of shape {a.shape} does not fit a canvas of {canvas}")
+    top, left = (rows - a.shape[0]) / 2, (cols - a.shape[1]) / 2
+    ax.imshow(a, cmap=cmap, norm=norm, extent=(left, left + a.shape[1], top + a.shape[0], top), interpolation="nearest")
+    ax.set_xlim(-0.1, cols + 0.1)  # the margin keeps the outer cell borders whole
+    ax.set_ylim(rows + 0.1, -0.1)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    # Cell borders, so that white cells show on the white page.
+    bottom, right = top + a.shape[0], left + a.shape[1]
+    ax.hlines(top + np.arange(a.shape[0] + 1), left, right, colors="0.6", linewidths=0.6)
+    ax.vlines(left + np.arange(a.shape[1] + 1), top, bottom, colors="0.6", linewidths=0.6)
+    name, *more = title.split("\n", 1)
+    ax.set_title("\n".join([f"{name} ({a.shape[0]}x{a.shape[1]})", *more]), fontsize=FONT_SIZE)
+    if annotate:
+        colours = colormaps[cmap](norm(a))
+        for (i, j), v in np.ndenumerate(a):
+            luminance = colours[i, j, :3] @ (0.299, 0.587, 0.114)
+            text = f"{v + 0.0:.3g}"  # + 0.0 turns -0.0 into 0
+            colour = "white" if luminance < 0.5 else "black"
+            # in_layout=False: inside the axes anyway, and measuring hundreds of them slows the layout down.
+            kwargs = dict(ha="center", va="center", fontsize=FONT_SIZE, color=colour, in_layout=False)
+            ax.text(left + j + 0.5, top + i + 0.5, text, **kwargs)
+
+
+def colour_bar(fig, axes, *, cmap: str, norm, label: str, location: str = "right") -> None:
+    """One colour bar for every panel in axes, which must share cmap and norm."""
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, location=location, shrink=0.8, aspect=20)
+    bar.set_label(label)
+
+
+def save(fig, path) -> None:
+    fig.savefig(path, dpi=DPI)

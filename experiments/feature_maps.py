@@ -6,9 +6,10 @@
 The LeNet chapter's exercise: the outputs of the first and second
 convolution layers after their activation function (after batch norm too,
 for lenet_bn), for chosen test images of the run's dataset (config.json
-says which). Writes one PNG per layer to --out (default RUN_DIR/feature_maps/):
-a row per image, the input first, then a column per channel, each channel on
-its own colour scale, shared by the images.
+says which). Writes conv1.png and conv2.png to a new
+RUN_DIR/feature_maps-DATE-TIME/ (or --out): a row per image, the input
+first, then a column per channel, each channel on its own colour scale,
+shared by the images.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import _outputs, _plot
+
 LENETS = ("lenet", "lenet_bn")
 LAYERS = 2  # the first and second convolution layers
+OUTPUTS = tuple(f"conv{i}.png" for i in range(1, LAYERS + 1))
 
 
 def _indices(text: str) -> list[int]:
@@ -35,12 +39,30 @@ def _indices(text: str) -> list[int]:
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m experiments.feature_maps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, required=True,
-                        help="a finished LeNet run of python -m experiments.lenet (config.json and model/)")
-    parser.add_argument("--images", type=_indices, default=[0, 1, 2],
-                        help="test images to show, by index into the dataset's test split (default 0,1,2)")
-    parser.add_argument("--out", type=Path, default=None, help="where the PNGs go (default WORKDIR/feature_maps)")
-    return parser, parser.parse_args(argv)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="a finished LeNet run of python -m experiments.lenet (config.json and model/)",
+    )
+    parser.add_argument(
+        "--images",
+        type=_indices,
+        default=[0, 1, 2],
+        help="test images to show, by index into the dataset's test split (default: 0,1,2)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where conv1.png and conv2.png go (default: a new WORKDIR/feature_maps-DATE-TIME/); "
+        "one that already holds them is refused unless --overwrite",
+    )
+    _outputs.add_overwrite_flag(parser)
+    args = parser.parse_args(argv)
+    args.out = args.out or _outputs.dated(args.workdir / "feature_maps")
+    _outputs.refuse_earlier_outputs(parser, "--out", args.out, OUTPUTS, args.overwrite)
+    return parser, args
 
 
 def conv_activations(model, x) -> dict[str, np.ndarray]:
@@ -65,7 +87,7 @@ def conv_activations(model, x) -> dict[str, np.ndarray]:
     return maps
 
 
-def save_grid(path: Path, inputs: np.ndarray, maps: np.ndarray, row_labels: list[str], title: str) -> None:
+def figure(inputs: np.ndarray, maps: np.ndarray, row_labels: list[str], title: str):
     """inputs (N, H, W, C) in [0, 1], maps (N, h, w, K): a row per image, the input then each channel.
 
     Each channel has its own colour scale (its range over the images, in
@@ -74,23 +96,23 @@ def save_grid(path: Path, inputs: np.ndarray, maps: np.ndarray, row_labels: list
     from matplotlib.figure import Figure
 
     n, k = maps.shape[0], maps.shape[-1]
-    fig = Figure(figsize=(1.0 * (k + 1) + 0.4, 1.0 * n + 0.8), layout="constrained")
+    fig = Figure(figsize=(1.1 * (k + 1) + 0.5, 1.1 * n + 1.0), layout="constrained")
     axes = fig.subplots(n, k + 1, squeeze=False)
     lo, hi = maps.min(axis=(0, 1, 2)), maps.max(axis=(0, 1, 2))
     for r in range(n):
         image = inputs[r, :, :, 0] if inputs.shape[-1] == 1 else inputs[r]
-        axes[r, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
+        axes[r, 0].imshow(image, cmap=_plot.IMAGE_CMAP, vmin=0, vmax=1)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=_plot.FONT_SIZE)
         for c in range(k):
             axes[r, c + 1].imshow(maps[r, :, :, c], cmap="viridis", vmin=lo[c], vmax=hi[c])
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_title("input", fontsize=7)
+    axes[0, 0].set_title("input", fontsize=_plot.FONT_SIZE)
     for c in range(k):
-        axes[0, c + 1].set_title(f"ch {c}\n{lo[c]:.2f}..{hi[c]:.2f}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80)
+        axes[0, c + 1].set_title(f"ch {c}\n{lo[c]:.2f}..{hi[c]:.2f}", fontsize=_plot.FONT_SIZE)
+    fig.suptitle(title, fontsize=_plot.FONT_SIZE + 1)
+    return fig
 
 
 def main(argv=None) -> dict:
@@ -124,15 +146,14 @@ def main(argv=None) -> dict:
 
     x = data.preprocess(test.images[args.images], config["image_size"])
     maps = conv_activations(model, x)
-    out = args.out or args.workdir / "feature_maps"
-    out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     labels = [f"#{i} (label {test.labels[i]})" for i in args.images]
     activation = config["model_options"].get("activation", "sigmoid")
     files = {}
     for name, a in maps.items():
-        files[name] = out / f"{name}.png"
+        files[name] = args.out / f"{name}.png"
         title = f"{config['model']} {name} after {activation}: {a.shape[1]}x{a.shape[2]}, {a.shape[3]} channels"
-        save_grid(files[name], np.asarray(x), a, labels, title)
+        _plot.save(figure(np.asarray(x), a, labels, title), files[name])
         shape, lo, hi = tuple(a.shape[1:]), a.min(), a.max()
         print(f"{name}: activations {shape} per image, range [{lo:.3g}, {hi:.3g}] -> {files[name]}")
     return {

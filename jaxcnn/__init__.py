@@ -1,9 +1,9 @@
 """jaxcnn: convolutional networks in JAX and Flax NNX, following the CNN chapters.
 
-    jaxcnn.ops         convolution and pooling as pure functions (jaxcnn.reference: their naive twins)
-    jaxcnn.models      LeNet, VGG, ResNet, ResNeXt: create(name, ...), names()
-    jaxcnn.summary     the layer-by-layer table of a model, as the notes' layer_summary
-    jaxcnn.train       the train state and the jitted train/eval steps
+jaxcnn.ops         convolution and pooling as pure functions (jaxcnn.reference: their naive twins)
+jaxcnn.models      LeNet, VGG, ResNet, ResNeXt: create(name, ...), names()
+jaxcnn.summary     the layer-by-layer table of a model, as the notes' layer_summary
+jaxcnn.train       the train state and the jitted train/eval steps
 """
 
 from jaxcnn import layers, models, ops, reference

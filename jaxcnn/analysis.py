@@ -355,7 +355,7 @@ def _union(fn: str, name: str, layer: str, a: Field, b: Field) -> Field:
         _fail(fn, f"{name}: its paths end at different strides or sizes: jump {a.jump} vs {b.jump}")
     lo = tuple(map(min, a.start, b.start))
     hi = tuple(max(sa + ra, sb + rb) for sa, ra, sb, rb in zip(a.start, a.size, b.start, b.size))
-    return Field(name, layer, tuple(h - l for l, h in zip(lo, hi)), a.jump, lo, a.out_hw)
+    return Field(name, layer, tuple(h - low for low, h in zip(lo, hi)), a.jump, lo, a.out_hw)
 
 
 def _walk(fn: str, module, name: str, f: Field, rows: list) -> Field | None:

@@ -13,8 +13,8 @@ import numpy as np
 from jaxcnn.ops import (
     LAYOUTS,
     POOL2D_MODES,
-    as_pair,
     as_padding,
+    as_pair,
     conv_output_shape,
     pool_output_shape,
 )
@@ -122,8 +122,12 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, layout="N
         for j in range(wo):
             top, left = i * stride[0], j * stride[1]
             # (N, kh, kw, C): the dilated window under output position (i, j).
-            patch = xp[:, top : top + (kh - 1) * dilation[0] + 1 : dilation[0],
-                       left : left + (kw - 1) * dilation[1] + 1 : dilation[1], :]
+            patch = xp[
+                :,
+                top : top + (kh - 1) * dilation[0] + 1 : dilation[0],
+                left : left + (kw - 1) * dilation[1] + 1 : dilation[1],
+                :,
+            ]
             for g in range(groups):
                 xg = patch[..., g * cin : (g + 1) * cin]
                 wg = w[..., g * out_per_group : (g + 1) * out_per_group]
@@ -155,13 +159,11 @@ def _pool(fn, x, window, stride, padding, ceil_mode, layout, reduce_window):
 
 
 def max_pool2d(x, window, *, stride=None, padding=0, ceil_mode=False, layout="NHWC"):
-    return _pool("max_pool2d", x, window, stride, padding, ceil_mode, layout,
-                 lambda patch, _: patch.max(axis=(1, 2)))
+    return _pool("max_pool2d", x, window, stride, padding, ceil_mode, layout, lambda patch, _: patch.max(axis=(1, 2)))
 
 
 def min_pool2d(x, window, *, stride=None, padding=0, ceil_mode=False, layout="NHWC"):
-    return _pool("min_pool2d", x, window, stride, padding, ceil_mode, layout,
-                 lambda patch, _: patch.min(axis=(1, 2)))
+    return _pool("min_pool2d", x, window, stride, padding, ceil_mode, layout, lambda patch, _: patch.min(axis=(1, 2)))
 
 
 def avg_pool2d(x, window, *, stride=None, padding=0, ceil_mode=False, count_include_pad=True, layout="NHWC"):

@@ -188,7 +188,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *, i
 
 
 def make_eval_step(graphdef, mesh: Mesh, *, image_size: int | None):
-    """eval_step(params, batch_stats, totals, images, labels, mask) -> totals; padded examples (mask False) don't count."""
+    """eval_step(params, batch_stats, totals, images, labels, mask) -> totals, not counting padding (mask False)."""
     replicated = NamedSharding(mesh, P())
 
     @functools.partial(jax.jit, donate_argnums=(2,), out_shardings=replicated)

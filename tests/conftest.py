@@ -1,4 +1,4 @@
-"""Shared pytest setup: Hypothesis profiles.
+"""Shared pytest setup: Hypothesis profiles, and checks of the figures the experiments draw.
 
 "ci" is derandomized (the same examples on every run, so a red build is
 reproducible) and keeps no example database. It is picked with
@@ -9,8 +9,41 @@ shape is a fresh XLA compile.
 
 import os
 
+import numpy as np
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture
+def assert_figure_png():
+    """Check a PNG the experiments wrote: at least min_size (width, height) pixels at 100 dpi, and not blank."""
+
+    from PIL import Image
+
+    def check(path, min_size):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], image.size
+            assert all(round(d) >= 100 for d in image.info["dpi"]), image.info["dpi"]
+            pixels = np.asarray(image.convert("RGB"))
+        drawn = (pixels != 255).any(axis=-1).mean()  # the page is white
+        colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+        assert drawn > 0.05 and colours > 50, (drawn, colours)
+
+    return check
+
+
+@pytest.fixture
+def smallest_font():
+    """The smallest font size, in points, of any text a matplotlib figure draws."""
+    from matplotlib.text import Text
+
+    def size(fig) -> float:
+        fig.draw_without_rendering()
+        return min(t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text())
+
+    return size

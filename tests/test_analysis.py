@@ -153,9 +153,17 @@ def test_compose_kernels_rejects_mismatches():
 
 @settings(max_examples=10, deadline=None)
 @given(
-    n=st.integers(1, 2), h=st.integers(3, 7), w=st.integers(3, 7), c=st.integers(1, 3), o=st.integers(1, 3),
-    kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2), dilation=st.integers(1, 2),
-    padding=st.integers(0, 2), bias=st.booleans(),
+    n=st.integers(1, 2),
+    h=st.integers(3, 7),
+    w=st.integers(3, 7),
+    c=st.integers(1, 3),
+    o=st.integers(1, 3),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    bias=st.booleans(),
 )
 def test_conv2d_im2col_matches_conv2d(n, h, w, c, o, kh, kw, stride, dilation, padding, bias):
     x, k, b = _normal(h * 7 + w, (n, h, w, c), (kh, kw, c, o), (o,))
@@ -197,9 +205,7 @@ def test_im2col_rejects_bad_input():
         analysis.conv2d_im2col(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4)), jnp.ones(3))
 
 
-@pytest.mark.parametrize(
-    "window, stride, padding", [(2, None, 0), (3, 2, 1), ((2, 3), (2, 1), (1, 1))]
-)
+@pytest.mark.parametrize("window, stride, padding", [(2, None, 0), (3, 2, 1), ((2, 3), (2, 1), (1, 1))])
 def test_avg_pool_as_conv_is_avg_pool(window, stride, padding):
     (x,) = _normal(5, (2, 6, 7, 3))
     y = analysis.avg_pool_as_conv(x, window, stride=stride, padding=padding)

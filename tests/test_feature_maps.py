@@ -11,8 +11,6 @@ import pytest
 from experiments import feature_maps, lenet
 from jaxcnn import checkpoint, data, models
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -23,7 +21,7 @@ def run(tmp_path_factory):
     return workdir
 
 
-def test_feature_maps_of_a_trained_lenet(run, capsys):
+def test_feature_maps_of_a_trained_lenet(run, capsys, assert_figure_png):
     results = feature_maps.main(["--workdir", str(run), "--images", "3,0"])
     out = capsys.readouterr().out
 
@@ -31,10 +29,12 @@ def test_feature_maps_of_a_trained_lenet(run, capsys):
     assert "conv1: activations (28, 28, 6)" in out and "conv2: activations (10, 10, 16)" in out
     maps = results["activations"]
     chex.assert_shape([maps["conv1"], maps["conv2"]], [(2, 28, 28, 6), (2, 10, 10, 16)])
-    for name in ("conv1", "conv2"):
-        png = (run / "feature_maps" / f"{name}.png").read_bytes()
-        assert png[:8] == PNG_MAGIC and len(png) > 1000
-        assert results["files"][name] == str(run / "feature_maps" / f"{name}.png")
+    (out_dir,) = run.glob("feature_maps-*")  # a new dated directory in the run's
+    assert re.fullmatch(r"feature_maps-\d{8}-\d{6}", out_dir.name)
+    # A row per image, a column per channel and the input, each at least ~1 inch at 100 dpi.
+    for name, size in (("conv1", (700, 300)), ("conv2", (1800, 300))):
+        assert results["files"][name] == str(out_dir / f"{name}.png")
+        assert_figure_png(out_dir / f"{name}.png", size)
 
     # The maps are the trained model's own: sigmoid(conv1(x)) of the chosen test images, in order.
     model, _ = checkpoint.load_model(run)
@@ -62,9 +62,26 @@ def test_lenet_bn_maps_come_after_batch_norm_and_the_activation():
     assert (maps["conv1"] == 0).any()  # ReLU's zeros, not the pre-activation
 
 
-def test_out_directory(run, tmp_path, capsys):
-    feature_maps.main(["--workdir", str(run), "--images", "1", "--out", str(tmp_path / "maps")])
+def test_figure_text_is_readable(smallest_font):
+    maps = np.random.default_rng(0).uniform(size=(3, 10, 10, 16))
+    fig = feature_maps.figure(np.zeros((3, 28, 28, 1)), maps, ["#0 (label 7)", "#1 (label 2)", "#2 (label 1)"], "conv2")
+    assert smallest_font(fig) >= 9
+
+
+def test_out_directory_is_not_overwritten_unless_asked(run, tmp_path, capsys):
+    def maps_of(image: str, *extra):
+        return feature_maps.main(["--workdir", str(run), "--images", image, "--out", str(tmp_path / "maps"), *extra])
+
+    maps_of("1")
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["conv1.png", "conv2.png"]
+    before = (tmp_path / "maps" / "conv1.png").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        maps_of("0")
+    assert exit_info.value.code == 2
+    assert "already holds conv1.png, conv2.png" in capsys.readouterr().err
+    assert (tmp_path / "maps" / "conv1.png").read_bytes() == before
+    assert maps_of("0", "--overwrite")["images"] == [0]
+    assert (tmp_path / "maps" / "conv1.png").read_bytes() != before
 
 
 @pytest.mark.parametrize(
@@ -100,9 +117,13 @@ def test_bad_workdirs(tmp_path, capsys):
     assert "holds a 'vgg11' run; feature maps need a LeNet" in error(vgg)
 
 
-def test_help(capsys):
+def test_help_states_each_default_once(capsys):
     with pytest.raises(SystemExit) as exit_info:
         feature_maps.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--workdir" in out and "--images" in out and "--out" in out
+    entries = {entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n  (?=-)", out)[1:]}
+    assert "(default: 0,1,2)" in entries["--images"]
+    assert "(default: a new WORKDIR/feature_maps-DATE-TIME/)" in entries["--out"]
+    assert "--workdir" in entries and "--overwrite" in entries
+    assert all(entry.count("default") <= 1 for entry in entries.values()), entries
