@@ -25,7 +25,14 @@ def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedul
 
     Default: the chapters' SGD; 1000 steps for a schedule to span.
     """
-    config = run.RunConfig(model=name, image_size=image_size, optimizer=optimizer, lr=lr, schedule=schedule,
-                           epochs=1, model_options=model_options)
+    config = run.RunConfig(
+        model=name,
+        image_size=image_size,
+        optimizer=optimizer,
+        lr=lr,
+        schedule=schedule,
+        epochs=1,
+        model_options=model_options,
+    )
     trainer = run.create_trainer(config, num_classes=10, in_channels=1, steps_per_epoch=1000, mesh=mesh)
     return trainer.train_step, trainer.state, trainer.totals, trainer.tx, trainer.model

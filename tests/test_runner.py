@@ -37,14 +37,23 @@ def metrics(workdir) -> list[dict]:
 
 def learned(records) -> list[tuple]:
     """What must agree between runs: everything but wall-clock figures."""
-    return [(r["epoch"], r["step"], r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"])
-            for r in records]
+    return [
+        (r["epoch"], r["step"], r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"])
+        for r in records
+    ]
 
 
 def subprocess_run(args, env_extra=None, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +169,19 @@ def test_divergence_stops_with_the_step(tmp_path, capsys):
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     """A real SIGKILL of a subprocess at a step the test picks, then --resume."""
-    args = ["-m", "experiments.lenet", *LENET_FAST, "--epochs", "2", "--log-every", "1", "--checkpoint-every", "4",
-            "--workdir", str(tmp_path)]
+    args = [
+        "-m",
+        "experiments.lenet",
+        *LENET_FAST,
+        "--epochs",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "4",
+        "--workdir",
+        str(tmp_path),
+    ]
     victim = subprocess_run(args)
     kill_at = "epoch 2 step 6/8"  # mid-epoch, after the checkpoint at step 12 (epoch 2, batch 4) was started
     lines = []
@@ -279,8 +299,10 @@ def assert_close_metrics(records, reference_records):
 
 def test_eight_devices_match_one(reference, tmp_path):
     """Data parallel over 8 fake CPU devices gives the metrics of one device, same global batch."""
-    eight = subprocess_run(["-m", "experiments.lenet", *LENET_FAST, "--epochs", "2", "--workdir", str(tmp_path)],
-                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    eight = subprocess_run(
+        ["-m", "experiments.lenet", *LENET_FAST, "--epochs", "2", "--workdir", str(tmp_path)],
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert eight.wait(timeout=180) == 0, eight.stdout.read()
     assert len(json.loads((tmp_path / "config.json").read_text())["devices"]) == 8
     assert_close_metrics(metrics(tmp_path), metrics(reference))
@@ -290,8 +312,23 @@ def test_two_processes_train_together(reference, tmp_path):
     """jax.distributed on localhost: two CPU processes agree with one process on the same global batch."""
     port = _free_port()
     procs = [
-        subprocess_run(["-m", "experiments.lenet", *LENET_FAST, "--epochs", "2", "--workdir", str(tmp_path),
-                        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
+        subprocess_run(
+            [
+                "-m",
+                "experiments.lenet",
+                *LENET_FAST,
+                "--epochs",
+                "2",
+                "--workdir",
+                str(tmp_path),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ]
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
