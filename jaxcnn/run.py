@@ -299,12 +299,13 @@ class Hooks:
 class Trainer(NamedTuple):
     model: Any  # the nnx.Module as created (train mode)
     tx: optax.GradientTransformation
-    learning_rate: Callable[[int], float]  # the schedule: lr at a step
+    learning_rate: Callable[[int], float]  # the schedule: the lr of the step after `step` steps
     state: train.TrainState  # replicated over `mesh`
     totals: dict
     train_step: Callable
     eval_step: Callable
     mesh: jax.sharding.Mesh
+    replicate: Callable  # train.replicator(mesh): host pytrees to replicated arrays
 
 
 def create_model(config: RunConfig, *, num_classes: int, in_channels: int):
@@ -339,13 +340,24 @@ def create_trainer(
     return Trainer(
         model=model,
         tx=tx,
-        learning_rate=train.make_schedule(config.lr, **schedule),
+        learning_rate=_on_host(train.make_schedule(config.lr, **schedule), total_steps),
         state=replicate(train.create_train_state(params, batch_stats, tx, config.seed)),
         totals=replicate(train.zero_totals()),
         train_step=train.make_train_step(train_def, tx, mesh, image_size=config.image_size),
         eval_step=train.make_eval_step(eval_def, mesh, image_size=config.image_size),
         mesh=mesh,
+        replicate=replicate,
     )
+
+
+def _on_host(schedule: optax.Schedule, total_steps: int) -> Callable[[int], float]:
+    """The schedule as a host-side table: reading the lr in the loop then costs no device work or compile."""
+    table = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total_steps + 1)))
+
+    def learning_rate(step: int) -> float:
+        return float(table[min(step, total_steps)])
+
+    return learning_rate
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +511,7 @@ class _Run:
         self.is_writer = jax.process_index() == 0
         self.multi_host = jax.process_count() > 1
         self.batch_sharding = NamedSharding(trainer.mesh, P("data"))
-        self.replicate = train.replicator(trainer.mesh)
+        self.replicate = trainer.replicate
         self.writer = _Writer(workdir, config) if self.is_writer else None
 
     def loop(self, restored) -> list[dict]:
@@ -537,7 +549,10 @@ class _Run:
         return history
 
     def _compile(self, state, totals):
-        """Both steps compiled ahead of time, so the first epoch's images/s counts training only."""
+        """Both steps compiled ahead of time, so the first epoch's images/s counts training only.
+
+        The checkpoints' checksums compile here too: nothing compiles inside an epoch.
+        """
         batch = self.config.batch_size
         shape = self.dataset.train.images.shape[1:]
         images = jax.ShapeDtypeStruct((batch, *shape), jnp.uint8, sharding=self.batch_sharding)
@@ -554,6 +569,7 @@ class _Run:
             compiled.append(step.lower(*args).compile())
             if self.is_writer:
                 self.hooks.on_compile(what, time.perf_counter() - start)
+        checkpoint.checksums((state, totals))
         return compiled
 
     def _epoch(self, epoch, start_batch, state, totals, history, train_step, eval_step):
