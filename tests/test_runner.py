@@ -100,6 +100,29 @@ def test_same_seed_same_metrics_to_the_last_digit(reference, tmp_path, capsys):
     assert learned(metrics(tmp_path)) == learned(metrics(reference))
     out = capsys.readouterr().out
     assert "epoch 2:" in out and "done: test accuracy" in out
+    # Not a terminal: plain lines only, and the first says what runs before anything compiles.
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert lines[0].startswith("lenet (activation=relu, pooling=max) on mnist_10k: 256 train / 96 test images")
+    assert lines[1] == "compiling the train step ..." and lines[2].startswith("compiled the train step in ")
+
+
+def test_a_terminal_gets_a_progress_bar():
+    import io
+
+    from experiments.runner import ConsoleHooks, _StopFlag
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    hooks = ConsoleHooks(_StopFlag(), stream=screen)
+    hooks.on_phase_start("train", 0, 8, 0)
+    hooks.on_progress("train", 4, {"loss": 1.5, "accuracy": 0.5, "lr": 0.1, "images_per_sec": 1000.0})
+    hooks.on_phase_end("train")
+    text = screen.getvalue()
+    assert "\r" in text and "epoch 1 train" in text and "4/8" in text and "loss 1.5000" in text
 
 
 @pytest.mark.parametrize(
