@@ -10,8 +10,8 @@ must be absent from it. The markers, counted from the model's layers:
 - overlapping max pooling keeps reduce_window's select_and_scatter gradient, which the strided-view
   path has none of.
 
-The exports take images already at the model's size (small ones, batch 2: tracing is the cost), so
-preprocess does not resize and every dot_general in the program is a dense layer's.
+The exports take a batch of 2 images already at the model's chapter size: preprocess does not resize,
+so every dot_general in the program is a dense layer's, and tracing costs the same at any size.
 
 A 1-device mesh of this machine's CPU stands for one GPU: export keeps only the mesh's shape and axis
 names (shardings become NamedShardings on its AbstractMesh), and the device count, 1.
@@ -40,11 +40,6 @@ OP = re.compile(r"\b(stablehlo\.[a-z_]+)")
 TENSOR = re.compile(r"tensor<(?:\d+x)*([a-z]+\d*)>")
 
 
-def image_size(name: str) -> int:
-    """The model's own size where small (LeNet's 28), else 32: every model here runs at 32."""
-    return min(models.default_image_size(name), 32)
-
-
 def spec(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
@@ -53,7 +48,7 @@ def spec(tree, sharding):
 def build(name: str, dtype):
     """(abstract model, (train step, its argument specs), (eval step, its argument specs)) as the runner
     builds them, on a 1-device mesh. The model is nnx.eval_shape's: exporting needs only shapes and dtypes."""
-    size = image_size(name)
+    size = models.default_image_size(name)
     options = {"dtype": dtype} if dtype else {}
     model = nnx.eval_shape(lambda: models.create(name, image_size=size, num_classes=NUM_CLASSES, **options))
     train_def, eval_def, params, batch_stats = train.split_model(model)
