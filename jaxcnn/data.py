@@ -359,9 +359,9 @@ def device_batches(
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """`train_batches`' global batches, in its order, gathered on the devices from a `device_split`.
 
-    Only the batch's indices cross from the host (4 bytes an example); each device gathers its own
-    `sharding` slice of the batch from its whole copy, so the batches come out as `prefetch` would
-    place `train_batches`' slices, on any number of processes.
+    Only the batch's indices cross from the host (4 bytes an example), each device gathering its own
+    `sharding` slice of the batch from its whole copy: the same arrays as `prefetch(train_batches(...),
+    sharding)` on a `train.data_mesh`, whose global row r is example order[r] on every process too.
     """
     if not all(isinstance(x, jax.Array) for x in (split.images, split.labels)):
         raise ValueError(
