@@ -12,13 +12,17 @@ tens of MB). `load` reads one of
 Batches are numpy and per process: for a global batch of B examples each of
 `process_count` hosts gets its own B / process_count slice, computed from the
 same (seed, epoch) permutation, so hosts agree without talking. `prefetch`
-assembles the global `jax.Array`s; `preprocess` runs inside the jitted step.
+assembles the global `jax.Array`s; `preprocess` (scaling, resizing) runs
+inside the jitted step, on the device. For a fast accelerator and a small
+dataset, `device_split` puts the whole uint8 split on every device once and
+`device_batches` gathers the same batches there, with no copy per step.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gzip
 import importlib.resources
 import itertools
@@ -242,21 +246,26 @@ def train_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's slice of each shuffled global batch; order is a function of (seed, epoch) only."""
     local = _local_batch_size("train_batches", global_batch_size, process_index, process_count)
-    _check_int("train_batches", "global_batch_size", global_batch_size, 1, len(split.labels))
-    steps = len(split.labels) // global_batch_size  # num_train_batches(split, B), B being checked already
-    _check_int("train_batches", "seed", seed, 0)
-    _check_int("train_batches", "epoch", epoch, 0)
-    _check_int("train_batches", "start_batch", start_batch, 0, steps)
-    # No state carried between epochs: a resumed run regenerates the same order.
-    order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
+    indices = _shuffled_indices("train_batches", split, global_batch_size, seed, epoch, start_batch)
 
     def batches():  # a generator inside, so bad arguments fail at the call, not at first next()
-        for step in range(start_batch, steps):
-            start = step * global_batch_size + process_index * local
-            index = order[start : start + local]
+        for index in indices:
+            index = index[process_index * local : (process_index + 1) * local]
             yield split.images[index], split.labels[index]
 
     return batches()
+
+
+def _shuffled_indices(fn, split, global_batch_size, seed, epoch, start_batch) -> list[np.ndarray]:
+    """The example indices of each global training batch from `start_batch` on, checked arguments."""
+    _check_int(fn, "global_batch_size", global_batch_size, 1, len(split.labels))
+    steps = len(split.labels) // global_batch_size  # num_train_batches(split, B), B being checked already
+    _check_int(fn, "seed", seed, 0)
+    _check_int(fn, "epoch", epoch, 0)
+    _check_int(fn, "start_batch", start_batch, 0, steps)
+    # No state carried between epochs: a resumed run regenerates the same order.
+    order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
+    return [order[step * global_batch_size : (step + 1) * global_batch_size] for step in range(start_batch, steps)]
 
 
 def eval_batches(
@@ -322,3 +331,55 @@ def prefetch(iterator, sharding: jax.sharding.Sharding, size: int = 2) -> Iterat
     while queue:
         yield queue.popleft()
         enqueue(1)
+
+
+def device_split(split: Split, sharding: jax.sharding.NamedSharding) -> Split:
+    """The split's uint8 images and labels as `jax.Array`s held whole on every device of `sharding`'s mesh.
+
+    For datasets that fit on each device several times over (MNIST's 47 MB, CIFAR-10's 150 MB): put them
+    there once, and `device_batches` gathers each batch on the device, with no host-to-device copy per step.
+    Every process passes its full host copy (as `load` gives it).
+    """
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return Split(put(split.images), put(split.labels))
+
+
+def device_batches(
+    split: Split,
+    global_batch_size: int,
+    sharding: jax.sharding.NamedSharding,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """`train_batches`' global batches, in its order, gathered on the devices from a `device_split`.
+
+    Only the batch's indices cross from the host (4 bytes an example), each device gathering its own
+    `sharding` slice of the batch from its whole copy: the same arrays as `prefetch(train_batches(...),
+    sharding)` on a `train.data_mesh`, whose global row r is example order[r] on every process too.
+    """
+    if not all(isinstance(x, jax.Array) for x in (split.images, split.labels)):
+        raise ValueError(
+            "device_batches: split must be on the devices already: pass data.device_split(split, sharding)"
+        )
+    indices = _shuffled_indices("device_batches", split, global_batch_size, seed, epoch, start_batch)
+    gather = _gather(sharding)
+
+    def batches():
+        for index in indices:
+            index = np.asarray(index, np.int32)
+            on_devices = jax.make_array_from_callback(index.shape, sharding, lambda i, index=index: index[i])
+            yield gather(split.images, split.labels, on_devices)
+
+    return batches()
+
+
+@functools.cache
+def _gather(sharding: jax.sharding.NamedSharding):
+    """A jitted gather of a batch from whole replicated arrays, its output sharded as the indices are."""
+    return jax.jit(lambda images, labels, index: (images[index], labels[index]), out_shardings=(sharding, sharding))

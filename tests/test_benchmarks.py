@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -84,3 +85,46 @@ def test_bad_flags_fail_cleanly(script, flags):
         check=False,
     )
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def has_gpu() -> bool:
+    import jax
+
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+@pytest.mark.skipif(has_gpu(), reason="this machine has a GPU")
+def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gpu_benchmark_cpu_dry_run():
+    """Every path of benchmarks/gpu.py but torch.compile, with the CPU standing in for the GPU at toy sizes.
+    Without PyTorch (the test extra has none) its pieces record the ImportError and the rest still runs."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--cpu-dry-run", "--check-models", "lenet", "--no-torch-compile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    out = json.loads(lines[0])
+    lenet = out["checks"]["models"]["lenet"]
+    assert lenet["passed"] and lenet["logits_rel_diff"] == 0 and len(lenet["train_losses_gpu"]) == 2
+    row = out["throughput"]["models"]["resnet18@32"]
+    assert row["jaxcnn"]["images_per_s"] > 0 and 0 < row["train_gflop_per_image"]
+    # XLA's count of the compiled step and model_cost's agree within the padding taps and elementwise work.
+    assert abs(row["jaxcnn"]["xla_gflop_per_image"] / row["train_gflop_per_image"] - 1) < 0.1
+    assert row["torch_compile"] == {"skipped": "--no-torch-compile"}
+    if importlib.util.find_spec("torch") is None:
+        assert row["torch_eager"]["error"].startswith("ModuleNotFoundError") and done.returncode == 1
+    else:
+        assert row["torch_eager"]["params"] == row["params"]  # the PyTorch twin has jaxcnn's parameters
+        assert row["torch_eager"]["images_per_s"] > 0 and done.returncode == 0

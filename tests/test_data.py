@@ -1,4 +1,4 @@
-"""Tests for jaxcnn.data: loaders, IDX parsing, host batching, preprocess, prefetch, TFDS."""
+"""Tests for jaxcnn.data: loaders, IDX parsing, host batching, preprocess, prefetch, device-resident batches, TFDS."""
 
 import gzip
 import hashlib
@@ -280,6 +280,31 @@ def test_prefetch_transfers_ahead_lazily():
         for x, y in zip(host, device):
             assert isinstance(y, jax.Array) and y.sharding == sharding
             np.testing.assert_array_equal(np.asarray(y), x)
+
+
+def test_device_batches_are_train_batches_gathered_on_the_devices():
+    n = jax.device_count()
+    split = index_split(11 * n)  # 11 // 2 = 5 batches of 2 per device; one example per device dropped
+    sharding = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec("data"))
+    resident = data.device_split(split, sharding)
+    assert all(x.sharding.is_fully_replicated for x in (resident.images, resident.labels))
+    for start_batch in (0, 3):
+        kwargs = {"seed": 5, "epoch": 1, "start_batch": start_batch}
+        host = list(data.prefetch(data.train_batches(split, 2 * n, **kwargs), sharding))
+        device = list(data.device_batches(resident, 2 * n, sharding, **kwargs))
+        assert len(device) == len(host) == 5 - start_batch
+        for want, got in zip(host, device):
+            for x, y in zip(want, got):
+                assert y.sharding == x.sharding and y.dtype == x.dtype
+                np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_device_batches_bad_arguments():
+    sharding = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec("data"))
+    with pytest.raises(ValueError, match="device_batches: split must be on the devices"):
+        data.device_batches(index_split(10), 2, sharding, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="device_batches: start_batch"):
+        data.device_batches(data.device_split(index_split(10), sharding), 2, sharding, seed=0, epoch=0, start_batch=6)
 
 
 # --------------------------------------------------------------------------
