@@ -20,10 +20,21 @@ def parse_model(spec: str, prog: str) -> tuple[str, int]:
     return name, int(size)
 
 
-def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedule="constant", **model_options):
+def setup(
+    name: str,
+    image_size: int,
+    mesh,
+    *,
+    optimizer="sgd",
+    lr=0.01,
+    schedule="constant",
+    in_channels=1,
+    dtype="float32",
+    **model_options,
+):
     """(train_step, state, totals, tx, model) on `mesh`, built by `jaxcnn.run.create_trainer` as a run builds them.
 
-    Default: the chapters' SGD; 1000 steps for a schedule to span.
+    Default: the chapters' SGD; 1000 steps for a schedule to span; dtype "bfloat16" for bf16 compute.
     """
     config = run.RunConfig(
         model=name,
@@ -31,8 +42,9 @@ def setup(name: str, image_size: int, mesh, *, optimizer="sgd", lr=0.01, schedul
         optimizer=optimizer,
         lr=lr,
         schedule=schedule,
+        dtype=dtype,
         epochs=1,
         model_options=model_options,
     )
-    trainer = run.create_trainer(config, num_classes=10, in_channels=1, steps_per_epoch=1000, mesh=mesh)
+    trainer = run.create_trainer(config, num_classes=10, in_channels=in_channels, steps_per_epoch=1000, mesh=mesh)
     return trainer.train_step, trainer.state, trainer.totals, trainer.tx, trainer.model

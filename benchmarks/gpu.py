@@ -88,7 +88,6 @@ except (RuntimeError, AssertionError) as error:  # which one depends on the jax 
     )
     sys.exit(1)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -221,7 +220,7 @@ def timed(run, sync, steps: int) -> dict:
 
 def jaxcnn_throughput(name, size, channels, images, labels) -> dict:
     mesh = train.data_mesh([ACCELERATOR])
-    step, state, totals, _, _ = _common.setup(name, size, mesh, in_channels=channels, dtype=jnp.bfloat16)
+    step, state, totals, _, _ = _common.setup(name, size, mesh, in_channels=channels, dtype="bfloat16")
     images, labels = jax.device_put((images, labels), NamedSharding(mesh, P("data")))
     start = time.perf_counter()
     compiled = step.lower(state, totals, images, labels).compile()

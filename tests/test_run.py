@@ -217,6 +217,13 @@ def test_the_command_line_writes_the_notebook_runs_metrics(finished, tmp_path):
     assert learned(read_metrics(tmp_path / "cli")) == learned(finished[1])
 
 
+def test_a_training_set_on_the_device_gives_the_same_run(finished, tmp_path, monkeypatch):
+    """What GPUs and TPUs do (data.device_batches), taken on the CPU: the same batches, the same metrics."""
+    monkeypatch.setattr(run, "DEVICE_DATA_PLATFORMS", ("cpu",))
+    records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), tmp_path / "run")
+    assert learned(records) == learned(finished[1])
+
+
 def test_records_keep_lr_and_time_and_steps_jsonl_keeps_the_intervals(finished):
     workdir, records, _ = finished
     assert all(
