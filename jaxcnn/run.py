@@ -383,12 +383,15 @@ def train_and_evaluate(config: RunConfig, workdir, *, resume: bool = False, hook
     with _Lock(workdir, resume=resume):
         dataset, effective = _load(config)
         config = RunConfig.from_json(effective)
-        trainer = create_trainer(
-            config,
-            num_classes=effective["num_classes"],
-            in_channels=effective["in_channels"],
-            steps_per_epoch=effective["steps_per_epoch"],
-        )
+        try:  # an option's value the model refuses, or images too small for it
+            trainer = create_trainer(
+                config,
+                num_classes=effective["num_classes"],
+                in_channels=effective["in_channels"],
+                steps_per_epoch=effective["steps_per_epoch"],
+            )
+        except ValueError as error:
+            raise UsageError(f"model {config.model!r}: {error}") from None
         effective["num_params"] = sum(int(p.size) for p in jax.tree.leaves(trainer.state.params))
         mngr = checkpoint.manager(workdir / "checkpoints", keep=config.keep_checkpoints)
         try:

@@ -427,6 +427,15 @@ def test_empty_data_is_refused(tmp_path, test_images, image_hw, message):
         )
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [(dict(model_options={"activation": "tanh"}), "activation"), (dict(model_options={}, image_size=2), "lenet")],
+)
+def test_a_model_that_cannot_be_built_is_a_usage_error(tmp_path, changes, message):
+    with pytest.raises(run.UsageError, match=message):
+        run.train_and_evaluate(tiny(epochs=1, **changes), tmp_path / "run")
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
     write = run._write_atomic
 
