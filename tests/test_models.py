@@ -74,7 +74,8 @@ def test_run_defaults_are_the_chapters_runs():
 
 def test_variants_are_partials_not_options():
     """What a name means (lenet_bn's batch norm, resnext18's block) is fixed: not an option to override."""
-    assert models.options("lenet_bn") == models.options("lenet") == {"activation": "sigmoid", "pooling": "avg", "dtype": None}
+    lenet_options = {"activation": "sigmoid", "pooling": "avg", "dtype": None}
+    assert models.options("lenet_bn") == models.options("lenet") == lenet_options
     assert models.options("resnext18") == models.options("resnet50") == {"dtype": None}
     assert models.options("alexnet") == models.options("nin") == {"dropout": 0.5, "dtype": None}
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['batch_norm'\] for 'lenet_bn'"):
