@@ -280,6 +280,7 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
 # jaxcnn.models): the attributes along each path in call order, the batch
 # norms and ReLUs between them left out as pointwise. An empty path, or an
 # attribute that is None, is the identity.
+
 # Modules that keep every output's field (per element, or per channel at one position).
 _POINTWISE = (nnx.BatchNorm, nnx.Dropout)
 
