@@ -18,7 +18,7 @@ from flax import nnx
 from jaxcnn import interop, layers, models
 
 torch = pytest.importorskip("torch", reason="the interop tests compare with PyTorch: pip install -e '.[torch]'")
-import torch_twins  # imports torch: after the skip
+import torch_twins  # noqa: E402  (imports torch: after the skip)
 
 # Small inputs keep compiles cheap, each still exercising what the model's size changes: VGG at 64
 # and AlexNet at 97 flatten a 2 x 2 map (so the dense rows are permuted), NiN at 67 is its minimum.
@@ -108,7 +108,8 @@ def loaded(state_dict):
 def test_flatten_order_and_batch_norm_statistics(lenet_bn):
     _, sd = lenet_bn
     model = loaded(sd)
-    # The first dense layer's input is 16 x 5 x 5: torch's column c * 25 + h * 5 + w is jaxcnn's row (h * 5 + w) * 16 + c.
+    # The first dense layer's input is 16 x 5 x 5: torch's column c * 25 + h * 5 + w is jaxcnn's row
+    # (h * 5 + w) * 16 + c.
     dense = model.net.layers[9]
     c, h, w = 7, 2, 3
     assert np.array_equal(dense.kernel[...][(h * 5 + w) * 16 + c], sd["net.9.weight"][:, c * 25 + h * 5 + w])
