@@ -1,7 +1,8 @@
 """jaxcnn: convolutional networks in JAX and Flax NNX, following the CNN chapters.
 
 jaxcnn.ops         convolution and pooling as pure functions (jaxcnn.reference: their naive twins)
-jaxcnn.models      LeNet, VGG, ResNet, ResNeXt: create(name, ...), names()
+jaxcnn.models      the modern-CNN chapter's models and ResNet-50: create(name, ...), names()
+jaxcnn.interop     PyTorch state dicts in and out (d2l's and torchvision's names)
 jaxcnn.summary     the layer-by-layer table of a model, as the notes' layer_summary
 jaxcnn.train       the train state and the jitted train/eval steps
 """

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxcnn import _lowering, layers, models, ops
+from jaxcnn import _lowering, layers, ops
 from jaxcnn.ops import _as_float, _check_fits, _check_rank, _fail
 from jaxcnn.summary import sequential_net
 
@@ -275,13 +275,12 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
 # --------------------------------------------------------------------------
 # Models: receptive fields and cost.
 
-# Residual blocks as (main path, shortcut), attributes in call order; the batch
-# norms and ReLUs between them are pointwise. A shortcut attribute that is None
-# is the identity.
-_BLOCKS = {
-    models.Residual: (("conv1", "conv2"), ("conv3",)),
-    models.ResNeXtBlock: (("conv1", "conv2", "conv3"), ("conv4",)),
-}
+# A block whose output adds or concatenates paths (Residual, Inception,
+# DenseBlock, ...) lists them in its class attribute `branches` (see
+# jaxcnn.models): the attributes along each path in call order, the batch
+# norms and ReLUs between them left out as pointwise. An empty path, or an
+# attribute that is None, is the identity.
+
 # Modules that keep every output's field (per element, or per channel at one position).
 _POINTWISE = (nnx.BatchNorm, nnx.Dropout)
 
@@ -312,8 +311,12 @@ def _join(name: str, key) -> str:
 
 
 def _name(path) -> str:
-    """A layer's name from its graph path, net.layers[1].layers[0].conv1 -> "1.0.conv1"."""
-    return ".".join(str(k) for k in path if k not in ("net", "layers"))
+    """A layer's name from its graph path, net.layers[1].layers[0].conv1 -> "1.0.conv1".
+
+    Only the model's own .net goes: a block's (DenseBlock.net) stays, 2.net.0.2.
+    """
+    path = path[1:] if path[:1] == ("net",) else path
+    return ".".join(str(k) for k in path if k != "layers")
 
 
 def _geometry(fn: str, layer, hw):
@@ -349,32 +352,35 @@ def _step(fn: str, name: str, layer, f: Field) -> Field:
     )
 
 
-def _union(fn: str, name: str, layer: str, a: Field, b: Field) -> Field:
-    """The field of a sum of two paths' outputs: the smallest box holding both."""
-    if a.jump != b.jump or a.out_hw != b.out_hw:
-        _fail(fn, f"{name}: its paths end at different strides or sizes: jump {a.jump} vs {b.jump}")
-    lo = tuple(map(min, a.start, b.start))
-    hi = tuple(max(sa + ra, sb + rb) for sa, ra, sb, rb in zip(a.start, a.size, b.start, b.size))
-    return Field(name, layer, tuple(h - low for low, h in zip(lo, hi)), a.jump, lo, a.out_hw)
+def _union(fn: str, name: str, layer: str, fields: list[Field]) -> Field:
+    """The field of a sum or concatenation of paths' outputs: the smallest box holding them all."""
+    first = fields[0]
+    for f in fields[1:]:
+        if f.jump != first.jump or f.out_hw != first.out_hw:
+            _fail(fn, f"{name}: its paths end at different strides or sizes: jump {first.jump} vs {f.jump}")
+    lo = tuple(min(f.start[i] for f in fields) for i in range(2))
+    hi = tuple(max(f.start[i] + f.size[i] for f in fields) for i in range(2))
+    return Field(name, layer, tuple(h - low for low, h in zip(lo, hi)), first.jump, lo, first.out_hw)
 
 
 def _walk(fn: str, module, name: str, f: Field, rows: list) -> Field | None:
-    """The field after `module`, appending a row per conv, pool and residual block; None once flattened."""
+    """The field after `module`, appending a row per conv, pool and multi-path block; None once flattened."""
     if isinstance(module, nnx.Sequential):
         for i, layer in enumerate(module.layers):
             f = _walk(fn, layer, _join(name, i), f, rows)
             if f is None:
                 break
         return f
-    if type(module) in _BLOCKS:
+    branches = getattr(module, "branches", None)
+    if branches is not None:
         ends = []
-        for path in _BLOCKS[type(module)]:
+        for path in branches:
             end = f
             for attr in path:
                 if getattr(module, attr) is not None:
                     end = _walk(fn, getattr(module, attr), _join(name, attr), end, rows)
             ends.append(end)
-        f = _union(fn, name, type(module).__name__, *ends)
+        f = _union(fn, name, type(module).__name__, ends)
     elif isinstance(module, (layers.Flatten, nnx.Linear)):
         return None
     elif isinstance(module, _POINTWISE) or not isinstance(module, nnx.Module):
@@ -386,9 +392,10 @@ def _walk(fn: str, module, name: str, f: Field, rows: list) -> Field | None:
 
 
 def receptive_fields(model: nnx.Module, input_hw=None) -> list[Field]:
-    """The receptive field of every conv, pool and residual block of a model, in call order.
+    """The receptive field of every conv, pool and multi-path block of a model, in call order.
 
-    Walks `model.net` (nested nnx.Sequentials and residual blocks). A layer
+    Walks `model.net` (nested nnx.Sequentials, and the paths of blocks that
+    list them in `branches`: residual, Inception and dense blocks). A layer
     with kernel k (dilated span (k - 1) d + 1), stride s and top/left padding
     p maps the field (size r, jump j, start a) of its input to
 
@@ -401,11 +408,13 @@ def receptive_fields(model: nnx.Module, input_hw=None) -> list[Field]:
     sees all the pixels of all the positions before it).
 
     A residual block's output adds its main path and its shortcut, so its
-    field is the box holding both. In ResNet and ResNeXt the shortcut (the
-    identity, or a 1x1 conv with the block's stride) sees exactly the pixels
-    at the centre of the main path's 3x3 windows, so the block's field is the
-    main path's. The main path's rows come first, then the shortcut's, then
-    the block's.
+    field is the box holding both; an Inception block concatenates its four
+    branches, a dense block its input and its conv blocks' outputs: the box
+    holding them all, as a row covers all of a layer's channels. In ResNet
+    and ResNeXt the shortcut (the identity, or a 1x1 conv with the block's
+    stride) sees exactly the pixels at the centre of the main path's 3x3
+    windows, so the block's field is the main path's. Each path's rows come
+    in order, then the block's.
 
     The field is the box the output's window spans. Every pixel in it
     matters when no stride exceeds its kernel and no dilation skips pixels,
@@ -562,6 +571,29 @@ def gradient_support(model: nnx.Module, input_hw=None) -> dict[str, np.ndarray]:
     return support
 
 
+def _trace_layers(model: nnx.Module, input_shape, types) -> list[tuple[str, nnx.Module, tuple, tuple]]:
+    """(name, layer, input shape, output shape) of each call of a layer of the given types, in call order.
+
+    The model runs in eval mode under jax.eval_shape on an input of
+    input_shape (NHWC): nothing is computed, the model is left as is, and an
+    abstract model (nnx.eval_shape) works too. Names as `receptive_fields`
+    names layers; the layers are the model's own.
+    """
+    graphdef, state = nnx.split(model)
+    originals = {_name(path): node for path, node in nnx.iter_graph(model) if isinstance(node, types)}
+    seen = []
+
+    def forward(state, x):
+        twin = nnx.merge(graphdef, state)
+        twin.eval()
+        see = lambda n: lambda x, y: seen.append((n, originals[n], x.shape, y.shape))
+        _replace(twin, lambda n, m: _Tap(m, see(n)) if isinstance(m, types) else m)
+        return twin(x)
+
+    jax.eval_shape(forward, state, jax.ShapeDtypeStruct(tuple(int(d) for d in input_shape), jnp.float32))
+    return seen
+
+
 def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     """One forward pass's arithmetic on input_shape (N, H, W, C): a row per conv and dense layer, and totals.
 
@@ -591,24 +623,8 @@ def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
         and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape)
     ):
         _fail(fn, f"input_shape must be 4 positive ints (N, H, W, C), got {input_shape!r}")
-    twin = nnx.clone(model)
-    twin.eval()
-    seen = []
-    _replace(
-        twin,
-        lambda n, m: (
-            _Tap(m, lambda x, y, n=n, m=m: seen.append((n, m, x.shape, y.shape)))
-            if isinstance(m, (layers.Conv2D, nnx.Linear))
-            else m
-        ),
-    )
-    # The state goes in as an argument, so an abstract model (nnx.eval_shape) works too.
-    graphdef, state = nnx.split(twin)
-    x = jax.ShapeDtypeStruct(tuple(int(d) for d in input_shape), jnp.float32)
-    jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
-
     rows = []
-    for name, layer, x_shape, y_shape in seen:
+    for name, layer, x_shape, y_shape in _trace_layers(model, input_shape, (layers.Conv2D, nnx.Linear)):
         if isinstance(layer, layers.Conv2D):
             n, h, w, c_i = x_shape
             if layer.dilation != (1, 1):

@@ -21,6 +21,14 @@ MODELS = {
     "vgg11": ({"image_size": 32, "width_divisor": 16}, 32),
     "resnet18": ({"image_size": 64}, 64),
     "resnext18": ({"image_size": 32}, 32),  # grouped 3x3 convs, three-conv main path
+    # The rest of the modern-CNN chapter, each at the smallest size that keeps all its layers.
+    "alexnet": ({"image_size": 65}, 65),
+    "nin": ({"image_size": 67}, 67),  # an unpadded first conv, dropout, global pooling without a dense layer
+    "googlenet": ({"image_size": 32}, 32),  # Inception: four concatenated branches, one a pool
+    "densenet": ({"image_size": 32}, 32),  # dense blocks: the input concatenated to what each conv adds
+    "regnetx32": ({"image_size": 32}, 32),
+    "resnet34": ({"image_size": 32}, 32),  # bias-free convs, a BatchNorm on the shortcut
+    "resnet50": ({"image_size": 32}, 32),  # bottlenecks whose first stage has a 1x1 shortcut at stride 1
 }
 
 
@@ -113,7 +121,8 @@ def test_every_field_is_the_gradient_support(name):
     # early layers the centre element's lies wholly inside the input.
     first = rows[0]
     (lo, hi), _ = first.box((0, 0))
-    assert support[first.name][0, 0].sum() == (hi - max(lo, 0)) ** 2 < first.size[0] ** 2
+    assert support[first.name][0, 0].sum() == (hi - max(lo, 0)) ** 2
+    assert (support[first.name][0, 0].sum() < first.size[0] ** 2) == (lo < 0)  # NiN's first conv has no padding
     for r in rows[:3]:
         centre = tuple(n // 2 for n in r.out_hw)
         assert support[r.name][centre].sum() == r.size[0] * r.size[1]
@@ -170,7 +179,7 @@ def test_model_cost_matches_xla(name, monkeypatch):
 
     # A row per conv and dense layer of the model, each doing |kernel| multiply-adds per output position.
     modules = {
-        ".".join(str(k) for k in path if k not in ("net", "layers")): node
+        ".".join(str(k) for k in path[1:] if k != "layers"): node  # path[0] is the model's .net
         for path, node in nnx.iter_graph(m)
         if isinstance(node, (layers.Conv2D, nnx.Linear))
     }

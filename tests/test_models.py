@@ -51,14 +51,43 @@ def vgg():
 
 def test_registry_names_and_chapter_sizes():
     sizes = {"lenet": 28, "lenet_bn": 28, "vgg11": 224, "resnet18": 96, "resnext18": 96}
-    assert set(sizes) <= set(models.names())
+    sizes |= {"alexnet": 224, "nin": 224, "googlenet": 96, "densenet": 96, "regnetx32": 96}
+    sizes |= {"resnet34": 96, "resnet50": 96}
+    assert set(sizes) == set(models.names())
     assert {name: models.default_image_size(name) for name in sizes} == sizes
+
+
+def test_run_defaults_are_the_chapters_runs():
+    """d2l's learning rates; every chapter run is SGD, batch 128, 10 epochs."""
+    lrs = {name: models.run_defaults(name).lr for name in models.names()}
+    assert lrs == {
+        "lenet": 0.1, "lenet_bn": 0.1, "alexnet": 0.01, "vgg11": 0.01, "nin": 0.05, "googlenet": 0.01,
+        "resnet18": 0.01, "resnext18": 0.01, "densenet": 0.01, "regnetx32": 0.05, "resnet34": 0.01, "resnet50": 0.01,
+    }  # fmt: skip
+    for name in models.names():
+        run = models.run_defaults(name)
+        assert (run.optimizer, run.batch_size, run.epochs) == ("sgd", 128, 10)
+    assert models.run_defaults("resnet50").title == "ResNet-50"
+    with pytest.raises(ValueError, match=r"run_defaults: unknown model 'resnet152'"):
+        models.run_defaults("resnet152")
+
+
+def test_variants_are_partials_not_options():
+    """What a name means (lenet_bn's batch norm, resnext18's block) is fixed: not an option to override."""
+    lenet_options = {"activation": "sigmoid", "pooling": "avg", "dtype": None}
+    assert models.options("lenet_bn") == models.options("lenet") == lenet_options
+    assert models.options("resnext18") == models.options("resnet50") == {"dtype": None}
+    assert models.options("alexnet") == models.options("nin") == {"dropout": 0.5, "dtype": None}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['batch_norm'\] for 'lenet_bn'"):
+        models.create("lenet_bn", batch_norm=False)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block'\] for 'resnext18'"):
+        models.create("resnext18", block=Residual)
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: models.create("alexnet"), r"create: unknown model 'alexnet'; choose one of \['lenet'"),
+        (lambda: models.create("resnet152"), r"create: unknown model 'resnet152'; choose one of \['lenet'"),
         (lambda: models.default_image_size("vgg16"), r"default_image_size: unknown model 'vgg16'"),
         (lambda: models.create("vgg11", widht_divisor=2), r"unknown option\(s\) \['widht_divisor'\].*'width_divisor'"),
         (lambda: models.create("resnet18", dropout=0.1), r"allowed: \['dtype'\]"),
@@ -135,14 +164,14 @@ def test_state_is_params_and_batch_stats_and_starts_in_train_mode(name):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # raises on any other state
     assert count(params) > 0
     has_bn = any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model))
-    assert (count(batch_stats) > 0) == has_bn == (name != "lenet" and name != "vgg11")
+    assert (count(batch_stats) > 0) == has_bn == (name not in ("lenet", "vgg11", "alexnet", "nin", "googlenet"))
     for _, m in nnx.iter_graph(model):
         assert getattr(m, "deterministic", False) is False
         assert getattr(m, "use_running_average", False) is False
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     model.eval()
     eval_def, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
-    assert (eval_def != graphdef) == (name != "lenet")  # LeNet has neither dropout nor BatchNorm
+    assert (eval_def != graphdef) == (name not in ("lenet", "googlenet"))  # neither dropout nor BatchNorm
 
 
 # --------------------------------------------------------------------------
@@ -301,9 +330,9 @@ def _eqns(jaxpr):
                 yield from _eqns(sub)
 
 
-@pytest.mark.parametrize("name", ["lenet_bn", "vgg11", "resnet18", "resnext18"])
+@pytest.mark.parametrize("name", [n for n in models.names() if n != "lenet"])
 def test_bf16_computes_in_bf16_with_f32_params_and_logits(name):
-    size = 28 if name == "lenet_bn" else 32
+    size = {"lenet_bn": 28, "alexnet": 65, "nin": 67}.get(name, 32)
     model = abstract(name, image_size=size, dtype="bfloat16" if name == "lenet_bn" else jnp.bfloat16)
     for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)) + jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
         assert leaf.dtype == jnp.float32

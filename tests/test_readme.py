@@ -1,4 +1,4 @@
-"""The README's promises: its two quick-start commands, and CI running exactly its test command."""
+"""The README's promises: its two quick-start commands, CI running exactly its test command, the models table."""
 
 import re
 from pathlib import Path
@@ -22,3 +22,13 @@ def test_quick_start_is_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci_lines = ROOT.joinpath(".ci", "run").read_text().splitlines()
     assert quick_start_commands()[1] in ci_lines
+
+
+def test_models_table_lists_the_registry():
+    from jaxcnn import models
+
+    section = ROOT.joinpath("README.md").read_text().split("## Models", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|.*\| (\d+) \| ([\d,]+) \| ([\d.]+) \|$", section, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == models.names()
+    for name, size, _, lr in rows:
+        assert int(size) == models.default_image_size(name) and float(lr) == models.run_defaults(name).lr, name

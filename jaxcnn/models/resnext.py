@@ -1,14 +1,17 @@
-"""ResNeXt (d2l 8.6.5): bottleneck blocks with a grouped 3x3 convolution, on ResNet's stem and head."""
+"""ResNeXt (d2l 8.6.5): bottleneck blocks with a grouped 3x3 convolution.
+
+ResNeXt-18 is `ResNet(RESNEXT18_ARCH, functools.partial(ResNeXtBlock,
+groups=..., bot_mul=...))` (the registry's resnext18); RegNet's AnyNet stages
+are made of the same blocks.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import jax
 from flax import nnx
 
 from jaxcnn import layers
-from jaxcnn.models.resnet import RESNET18_ARCH, ResNet, check_shortcut
+from jaxcnn.models.resnet import RESNET18_ARCH, check_shortcut
 
 # d2l's ResNeXt settings (its RegNetX-32 in 8.8): groups=16, bot_mul=1,
 # here on ResNet-18's stages so that it compares with ResNet-18.
@@ -25,6 +28,8 @@ class ResNeXtBlock(nnx.Module):
     bot_channels // groups groups.
     """
 
+    branches = (("conv1", "conv2", "conv3"), ("conv4",))
+
     def __init__(
         self,
         in_channels: int,
@@ -38,7 +43,7 @@ class ResNeXtBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         fn = "ResNeXtBlock"
-        bot_channels = int(round(num_channels * bot_mul))
+        bot_channels = round(num_channels * bot_mul)
         if bot_channels < 1 or not isinstance(groups, int) or groups < 1 or bot_channels % groups:
             raise ValueError(
                 f"{fn}: groups={groups!r} (channels per group) must divide "
@@ -64,27 +69,3 @@ class ResNeXtBlock(nnx.Module):
         if self.conv4 is not None:
             x = self.bn4(self.conv4(x))
         return jax.nn.relu(y + x)
-
-
-class ResNeXt(ResNet):
-    """ResNet's b1 and head around stages of ResNeXtBlocks, with ResNet's downsampling rule."""
-
-    def __init__(
-        self,
-        arch: Sequence[tuple[int, int]],
-        groups: int,
-        bot_mul: float,
-        *,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 96,
-        dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        self.groups, self.bot_mul = groups, bot_mul
-        super().__init__(
-            arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, dtype=dtype, rngs=rngs
-        )
-
-    def block(self, cin, cout, use_1x1conv, strides, *, dtype, rngs) -> nnx.Module:
-        return ResNeXtBlock(cin, cout, self.groups, self.bot_mul, use_1x1conv, strides, dtype=dtype, rngs=rngs)
