@@ -33,7 +33,7 @@ def options(args) -> dict:
 
 
 def main(argv=None) -> int:
-    return runner.main("lenet", "lenet", "LeNet-5", flags, options, argv)
+    return runner.main("lenet", "lenet", flags, options, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from experiments import runner
 
 
 def main(argv=None) -> int:
-    return runner.main("resnet", "resnet18", "ResNet-18", argv=argv)
+    return runner.main("resnet", "resnet18", argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The experiments' shared command line: flags -> `jaxcnn.run.RunConfig` -> `jaxcnn.run.train_and_evaluate`.
 
 `python -m experiments.lenet` (and vgg, resnet, resnext) call `main` with their
-model; every default is the model's chapter run (`jaxcnn.run.CHAPTER_RUNS`)
+model; every default is the model's chapter run (`jaxcnn.models.run_defaults`)
 or the registry's option default, so nothing is written twice. This module
 adds what only a command line has: flags, a progress bar, SIGTERM/Ctrl-C as
 stop requests, and exit codes:
@@ -86,10 +86,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(entry: str, model: str, title: str, model_flags=None) -> argparse.ArgumentParser:
+def build_parser(entry: str, model: str, model_flags=None) -> argparse.ArgumentParser:
     from jaxcnn import models, train
 
     chapter = run.RunConfig(model=model).resolved()
+    title = models.run_defaults(model).title
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{entry}",
         description=f"Train {title} as the chapter does; writes config, metrics, plots and checkpoints to --workdir.",
@@ -141,13 +142,13 @@ def build_parser(entry: str, model: str, title: str, model_flags=None) -> argpar
     return parser
 
 
-def main(entry: str, model: str, title: str, model_flags=None, model_options=None, argv=None) -> int:
+def main(entry: str, model: str, model_flags=None, model_options=None, argv=None) -> int:
     """Parses `argv`, trains, and returns the exit code (see the module's docstring).
 
     model_flags(group, defaults) adds the model's own flags (defaults: the registry's options);
     model_options(args) turns them into RunConfig.model_options, with "model" naming a variant.
     """
-    parser = build_parser(entry, model, title, model_flags)
+    parser = build_parser(entry, model, model_flags)
     args = parser.parse_args(argv)
     options = model_options(args) if model_options else {}
     model = options.pop("model", model)

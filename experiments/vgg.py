@@ -17,7 +17,7 @@ def options(args) -> dict:
 
 
 def main(argv=None) -> int:
-    return runner.main("vgg", "vgg11", "VGG-11", flags, options, argv)
+    return runner.main("vgg", "vgg11", flags, options, argv)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,6 @@ from jax.sharding import PartitionSpec as P
 from jaxcnn import checkpoint, data, models, train
 
 DTYPES = ("float32", "bfloat16")
-# Each model's chapter run: what a RunConfig field left as None becomes (and what
-# `python -m experiments.<model>` trains by default). Image sizes are the registry's.
-CHAPTER_RUNS = {
-    "lenet": dict(lr=0.1, optimizer="sgd", batch_size=128, epochs=10),
-    "lenet_bn": dict(lr=0.1, optimizer="sgd", batch_size=128, epochs=10),
-    "vgg11": dict(lr=0.01, optimizer="sgd", batch_size=128, epochs=10),
-    "resnet18": dict(lr=0.01, optimizer="sgd", batch_size=128, epochs=10),
-    "resnext18": dict(lr=0.01, optimizer="sgd", batch_size=128, epochs=10),
-}
 # On these platforms a training set of up to DEVICE_DATA_BYTES lives on the devices, and each step's batch
 # is gathered there: no host-to-device copy to wait on. CPUs keep prefetching from host memory.
 DEVICE_DATA_PLATFORMS = ("gpu", "tpu")
@@ -137,7 +128,7 @@ class Stopped(RunError):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a run, named as the command line's flags. None: the model's chapter run (CHAPTER_RUNS)."""
+    """Every setting of a run, named as the command line's flags. None: the model's chapter run (models.run_defaults)."""
 
     model: str = "lenet"
     model_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"activation": "relu", "pooling": "max"}
@@ -184,8 +175,8 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """This config with the chapter's values in place of None, and the model's full options."""
-        chapter = CHAPTER_RUNS.get(self.model, CHAPTER_RUNS["lenet"])
-        filled = {k: chapter[k] for k in chapter if getattr(self, k) is None}
+        chapter = models.run_defaults(self.model)
+        filled = {k: getattr(chapter, k) for k in ("lr", "optimizer", "batch_size", "epochs") if getattr(self, k) is None}
         defaults = {k: v for k, v in models.options(self.model).items() if k != "dtype"}
         options = defaults | self.model_options
         return self.replace(

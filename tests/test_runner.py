@@ -367,3 +367,25 @@ def test_resume_refuses_other_settings(reference, capsys):
         run_lenet(reference, "--epochs", "3", "--resume", "--lr", "0.01")
     assert exit_info.value.code == 2
     assert "lr was 0.003, now 0.01" in capsys.readouterr().err
+
+
+ENTRIES = {"lenet": "lenet", "vgg": "vgg11", "resnet": "resnet18", "resnext": "resnext18", "alexnet": "alexnet",
+           "nin": "nin", "googlenet": "googlenet", "densenet": "densenet", "regnet": "regnetx32",
+           "resnet34": "resnet34", "resnet50": "resnet50"}  # fmt: skip
+
+
+def test_every_model_has_an_entry_point_with_its_chapter_defaults():
+    import importlib
+
+    from experiments import runner
+    from jaxcnn import models
+
+    assert set(ENTRIES.values()) | {"lenet_bn"} == set(models.names())  # lenet_bn: lenet --batch-norm
+    for entry, model in ENTRIES.items():
+        module = importlib.import_module(f"experiments.{entry}")
+        assert module.main.__module__ == f"experiments.{entry}"
+        args = runner.build_parser(entry, model, getattr(module, "flags", None)).parse_args([])
+        chapter = models.run_defaults(model)
+        assert (args.lr, args.optimizer, args.batch_size, args.epochs) == (
+            chapter.lr, chapter.optimizer, chapter.batch_size, chapter.epochs)  # fmt: skip
+        assert args.image_size == models.default_image_size(model)
