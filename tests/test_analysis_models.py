@@ -21,15 +21,15 @@ MODELS = {
     "vgg11": ({"image_size": 32, "width_divisor": 16}, 32),
     "resnet18": ({"image_size": 64}, 64),
     "resnext18": ({"image_size": 32}, 32),  # grouped 3x3 convs, three-conv main path
-    # The rest of the modern-CNN chapter, each at the smallest size that keeps all its layers.
-    "alexnet": ({"image_size": 65}, 65),
-    "nin": ({"image_size": 67}, 67),  # an unpadded first conv, dropout, global pooling without a dense layer
+    # The modern-CNN chapter's other kinds of block, at small sizes.
     "googlenet": ({"image_size": 32}, 32),  # Inception: four concatenated branches, one a pool
     "densenet": ({"image_size": 32}, 32),  # dense blocks: the input concatenated to what each conv adds
-    "regnetx32": ({"image_size": 32}, 32),
-    "resnet34": ({"image_size": 32}, 32),  # bias-free convs, a BatchNorm on the shortcut
-    "resnet50": ({"image_size": 32}, 32),  # bottlenecks whose first stage has a 1x1 shortcut at stride 1
+    "resnet50": ({"image_size": 32}, 32),  # bottlenecks, a 1x1 conv and BatchNorm on the shortcut
 }
+# The rest are made of the kinds above (AlexNet and NiN are plain Sequentials, as VGG; RegNetX-32's
+# stages are ResNeXt blocks; ResNet-34's BasicBlock is Residual with ResNet-50's shortcut): their
+# fields and costs are computed, not compiled, at the smallest size that keeps all their layers.
+OTHERS = {"alexnet": 65, "nin": 67, "regnetx32": 32, "resnet34": 32}
 
 
 @functools.cache
@@ -201,6 +201,19 @@ def test_model_cost_matches_xla(name, monkeypatch):
 
 # --------------------------------------------------------------------------
 # Bad input.
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_fields_and_cost_of_the_other_models(name):
+    hw = OTHERS[name]
+    m = nnx.eval_shape(lambda: models.create(name, image_size=hw))
+    rows = analysis.receptive_fields(m, hw)
+    assert rows and all(r.out_hw is not None and r.size[0] >= 1 for r in rows)
+    assert rows[-1].layer == ("MaxPool2D" if name == "alexnet" else "GlobalAvgPool2D")
+    convs = [node for _, node in nnx.iter_graph(m) if isinstance(node, layers.Conv2D)]
+    cost_rows, total = analysis.model_cost(m, (1, hw, hw, 1))
+    assert sum(r["layer"] == "Conv2D" for r in cost_rows) == len(convs)
+    assert total["macs"] == sum(r["macs"] for r in cost_rows) > 0
 
 
 def test_bad_input_raises():

@@ -6,6 +6,8 @@ Shapes and counts come from abstract models (nnx.eval_shape: nothing drawn or co
 steps run each model for real at the smallest size its layers allow, batch 2.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,8 +33,12 @@ NEW = ["alexnet", "nin", "googlenet", "densenet", "regnetx32", "resnet34", "resn
 SMALL = {"alexnet": 65, "nin": 67, "googlenet": 32, "densenet": 32, "regnetx32": 32, "resnet34": 32, "resnet50": 32}
 
 
-def abstract(name, **kw):
-    return nnx.eval_shape(lambda: models.create(name, **kw))
+@functools.cache
+def abstract(name, image_size=None, in_channels=1, num_classes=10):
+    """The model without its weights (nnx.eval_shape), once per configuration: the tests only read it."""
+    return nnx.eval_shape(
+        lambda: models.create(name, image_size=image_size, in_channels=in_channels, num_classes=num_classes)
+    )
 
 
 def num_params(model) -> int:
@@ -42,7 +48,7 @@ def num_params(model) -> int:
 def shapes(name, batch=1, size=None, **kw):
     size = size or models.default_image_size(name)
     channels = kw.get("in_channels", 1)
-    rows = summary(abstract(name, image_size=size, **kw), (batch, size, size, channels), print_table=False)
+    rows = summary(abstract(name, size, **kw), (batch, size, size, channels), print_table=False)
     return [r[1][1:] for r in rows]
 
 
@@ -57,7 +63,7 @@ def output(make_block, input_shape):
 
 
 def test_parameter_counts():
-    counts = {name: num_params(abstract(name)) for name in NEW}
+    counts = {name: num_params(abstract(name, models.default_image_size(name))) for name in NEW}
     assert counts == {
         "alexnet": 46_764_746,
         "nin": 1_992_166,
@@ -68,13 +74,13 @@ def test_parameter_counts():
         "resnet50": 23_522_250,
     }
     # torchvision's ImageNet models: 3 input channels, 1000 classes.
-    assert num_params(abstract("resnet34", in_channels=3, num_classes=1000, image_size=224)) == 21_797_672
-    assert num_params(abstract("resnet50", in_channels=3, num_classes=1000, image_size=224)) == 25_557_032
+    assert num_params(abstract("resnet34", 224, in_channels=3, num_classes=1000)) == 21_797_672
+    assert num_params(abstract("resnet50", 224, in_channels=3, num_classes=1000)) == 25_557_032
 
 
 def test_torchvision_resnets_have_no_conv_biases():
     for name in ("resnet34", "resnet50"):
-        model = abstract(name)
+        model = abstract(name, 96)
         convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.Conv2D)]
         assert len(convs) == (36 if name == "resnet34" else 53)  # 33 / 49 in the blocks and the stem, 3 / 4 shortcuts
         assert all(c.bias is None for c in convs)
@@ -210,7 +216,7 @@ def test_smallest_sizes_work_and_global_pooling_models_take_any_size():
     assert shapes("densenet", size=29)[-2] == (1, 1, 248)
     assert shapes("googlenet", size=1)[-1] == (10,)  # every pool is padded
     with pytest.raises(ValueError, match=r"GoogLeNet: x must be \(N, H, W, 1\) NHWC, got shape \(2, 32, 32, 3\)"):
-        summary(abstract("googlenet"), (2, 32, 32, 3))
+        summary(abstract("googlenet", 96), (2, 32, 32, 3))
 
 
 # --------------------------------------------------------------------------
@@ -231,7 +237,7 @@ def test_train_and_eval_modes_trace_over_split_state(name, monkeypatch):
     """Every full model, traced (jax.eval_shape: no compile) in the trainer's shape of step."""
     monkeypatch.setenv("JAXCNN_CONV_LOWERING", "xla")  # the shapes are the same; XLA's conv traces faster
     size = SMALL[name]
-    train_def, eval_def, params, batch_stats = train.split_model(abstract(name, image_size=size))
+    train_def, eval_def, params, batch_stats = train.split_model(abstract(name, size))
     x, labels = jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32), jnp.array([3, 7])
     (loss, (logits, new_stats)), grads = jax.eval_shape(
         loss_and_stats(train_def), params, batch_stats, x, labels, jax.random.key(0)
@@ -290,8 +296,9 @@ def every_new_block():
     )
 
 
-def test_every_new_block_trains_and_evaluates_under_jit():
-    """The blocks for real, in one compile: a step of the trainer's jitted train and eval steps."""
+def test_every_new_block_trains_and_evaluates_under_jit(monkeypatch):
+    """The blocks for real: a step of the trainer's jitted train step, then eval mode under jit."""
+    monkeypatch.setenv("JAXCNN_CONV_LOWERING", "xla")  # compiles fastest; test_ops and test_lowering check the rest
     model = materialise(nnx.eval_shape(every_new_block))
     train_def, eval_def, params, batch_stats = train.split_model(model)
     before = jax.tree.map(np.array, (params, batch_stats))  # copies: the step donates the state
