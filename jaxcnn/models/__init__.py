@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
 from functools import partial
 
 import jax.numpy as jnp
@@ -78,7 +77,7 @@ class RunDefaults:
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    build: Callable  # a functools.partial of a model class: what the name means (architecture, block)
+    build: partial  # of a model class: what the name means (architecture, block)
     image_size: int  # the chapter's
     run: RunDefaults
     defaults: dict = dataclasses.field(default_factory=dict)  # option defaults that differ from the class's
