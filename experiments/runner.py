@@ -16,6 +16,7 @@ stop requests, and exit codes:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import shlex
 import signal
@@ -150,6 +151,10 @@ def main(entry: str, model: str, model_flags=None, model_options=None, argv=None
     """
     parser = build_parser(entry, model, model_flags)
     args = parser.parse_args(argv)
+    # The run reports in one line what Orbax's threads (and asyncio, when their tasks are collected) log
+    # as whole tracebacks: a command's output keeps the line.
+    for name in ("absl", "orbax", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     options = model_options(args) if model_options else {}
     model = options.pop("model", model)
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
@@ -187,7 +192,7 @@ def main(entry: str, model: str, model_flags=None, model_options=None, argv=None
         if "--workdir" not in resume:
             resume += ["--workdir", args.workdir]
         _say(
-            f"\nstopped by {signal.Signals(error.signum).name} {error}. "
+            f"\nstopped by {signal.Signals(error.signum).name} {error.where}; checkpoint saved. "
             f"Resume with: {parser.prog} {shlex.join([*resume, '--resume'])}"
         )
         return error.exit_code
@@ -291,11 +296,12 @@ class ConsoleHooks(run.Hooks):
 
     def on_start(self, config: dict) -> None:
         options = ", ".join(f"{k}={v}" for k, v in config["model_options"].items())
+        model = config["model"] + (f" ({options})" if options else "")
         self._line(
-            f"{config['model']} ({options}) on {config['dataset']}: {config['train_examples']:,} train / "
+            f"{model} on {config['dataset']}: {config['train_examples']:,} train / "
             f"{config['test_examples']:,} test images at {config['image_size']}px, {config['epochs']} epochs of "
-            f"{config['steps_per_epoch']} steps (batch {config['batch_size']}), {config['num_params']:,} parameters, "
-            f"{len(config['devices'])} device(s): {config['devices'][0]}"
+            f"{config['steps_per_epoch']} steps (batch {config['batch_size']}), {len(config['devices'])} device(s): "
+            f"{config['devices'][0]}"
         )
 
     def on_message(self, text: str) -> None:

@@ -31,27 +31,65 @@ def manager(directory: str | Path, *, keep: int) -> ocp.CheckpointManager:
     )
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: a bijection of uint32 that spreads every input bit over the output."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
 @jax.jit
 def checksums(tree) -> jax.Array:
-    """uint32 (leaves, 2): two position-weighted sums of each array's bits, computed where the arrays are.
+    """uint32 (leaves, 2): two sums of each array's hashed 32-bit words, computed where the arrays are.
 
-    Each weight is odd, so flipping any one bit changes both sums (mod 2**32); other damage goes
-    unnoticed with odds of about 2**-64. Cheap enough for every save: one pass over the state.
+    Each word is hashed with its position and a seed by a bijection, so changing any one word (any
+    bit of it) changes both sums; other damage goes unnoticed with odds of about 2**-64. One pass over
+    the state: cheap enough for every save.
     """
     sums = []
     for leaf in jax.tree.leaves(tree):
         leaf = jnp.asarray(leaf)
-        width = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[leaf.dtype.itemsize]
-        bits = jax.lax.bitcast_convert_type(leaf, width).astype(jnp.uint32).ravel()
-        i = jnp.arange(bits.size, dtype=jnp.uint32)
-        first = jnp.sum(bits * (i * jnp.uint32(0x9E3779B1) | 1))
-        second = jnp.sum((bits ^ (bits >> 13)) * (i * jnp.uint32(0x85EBCA77) + jnp.uint32(0x27D4EB2F) | 1))
-        sums.append(jnp.stack([first, second]))
+        if leaf.dtype == jnp.bool_:
+            leaf = leaf.astype(jnp.uint8)
+        if leaf.dtype.itemsize >= 4:  # 8-byte words become pairs of 32-bit ones
+            words = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
+        else:
+            words = jax.lax.bitcast_convert_type(leaf, {2: jnp.uint16, 1: jnp.uint8}[leaf.dtype.itemsize])
+        words = words.astype(jnp.uint32).ravel()
+        position = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
+        seeds = (jnp.uint32(0x1B873593), jnp.uint32(0xCC9E2D51))
+        sums.append(jnp.stack([jnp.sum(_fmix32(words ^ (position + seed))) for seed in seeds]))
     return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
 
 
 def _checksum(state, totals) -> list[list[int]]:
     return np.asarray(checksums((state, totals))).tolist()
+
+
+class SaveError(OSError):
+    """Orbax could not write a checkpoint (a full disk, a read-only filesystem): one line, as an OSError."""
+
+
+@contextlib.contextmanager
+def _writing(what: str):
+    """Orbax reports a failed write from its threads as ValueErrors with whole tracebacks: make it one OSError."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as error:
+        first = str(error).splitlines()[0][:600] if str(error) else type(error).__name__
+        raise SaveError(f"{what}: {first}") from None
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight; raises SaveError if it failed."""
+    with _writing("checkpoint save failed"):
+        mngr.wait_until_finished()
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight and closes the manager; raises SaveError if the save failed."""
+    with _writing("checkpoint save failed"):
+        mngr.close()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, totals, meta: dict) -> None:
@@ -60,23 +98,25 @@ def save(mngr: ocp.CheckpointManager, step: int, state, totals, meta: dict) -> N
     meta (JSON) must hold the run's place: "epoch" and "batch" within it, "config" (with its
     "run_id"). The save adds "step" and the checksums of state and totals, which restore checks.
     """
-    meta = {**meta, "step": int(step), "checksums": _checksum(state, totals)}
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            totals=ocp.args.StandardSave(totals),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
+    # A copy: Orbax writes the JSON from a thread, after the caller may have changed its lists.
+    meta = json.loads(json.dumps({**meta, "step": int(step), "checksums": _checksum(state, totals)}))
+    with _writing(f"checkpoint {step} could not be saved"):
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                totals=ocp.args.StandardSave(totals),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
 
 
 def latest_meta(mngr: ocp.CheckpointManager) -> dict:
     """The meta of the newest checkpoint that has a readable one ({} if none)."""
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            with _quiet_orbax():
+            with quiet_orbax():
                 meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception:  # damaged: restore_latest will say so and set it aside
             continue
@@ -103,7 +143,7 @@ def restore_latest(
     for step in steps:
         path = Path(mngr.directory) / str(step)
         try:
-            with _quiet_orbax():
+            with quiet_orbax():
                 restored = mngr.restore(
                     step,
                     args=ocp.args.Composite(
@@ -115,6 +155,10 @@ def restore_latest(
             problem = _problem(step, restored, run_id, steps_per_epoch)
         except Exception as error:  # Orbax and TensorStore raise many kinds for damaged files.
             problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if jax.process_count() > 1:  # the hosts must adopt the same checkpoint, or they would diverge
+            usable = multihost_utils.process_allgather(np.int32(problem is None))
+            if problem is None and not usable.all():
+                problem = "another process could not use it"
         if problem is None:
             found = step, restored.state, restored.totals, dict(restored.meta)
             break
@@ -148,6 +192,8 @@ def _problem(step: int, restored, run_id: str, steps_per_epoch: int) -> str | No
     want = {"epoch": int, "batch": int, "step": int, "history": list, "config": dict, "checksums": list}
     if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in want.items()):
         return "its meta lacks " + ", ".join(k for k, t in want.items() if not isinstance(meta.get(k), t))
+    if len(meta["history"]) != meta["epoch"]:
+        return f"its history holds {len(meta['history'])} epochs, not its epoch {meta['epoch']}"
     if meta["config"].get("run_id") != run_id:
         return f"it belongs to run {meta['config'].get('run_id')!r}, not this workdir's {run_id!r}"
     place = meta["epoch"] * steps_per_epoch + meta["batch"]
@@ -163,8 +209,8 @@ def _problem(step: int, restored, run_id: str, steps_per_epoch: int) -> str | No
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax and absl log whole tracebacks for a damaged checkpoint; restore_latest says it in one line."""
+def quiet_orbax():
+    """Orbax and absl log whole tracebacks for a damaged checkpoint or a failed save; the run says it in one line."""
     loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "tensorstore")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -178,7 +224,7 @@ def _quiet_orbax():
 
 def save_model(directory: str | Path, params, batch_stats) -> None:
     """The final model: params and batch statistics, as plain nested dicts."""
-    with ocp.StandardCheckpointer() as ckptr:
+    with _writing(f"the final model could not be saved to {directory}"), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(
             Path(directory).absolute(),
             {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)},

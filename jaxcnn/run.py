@@ -18,8 +18,9 @@ it cannot go on. A workdir holds:
     model/               the final params and batch statistics (checkpoint.load_model)
     profile/             a jax.profiler trace of a few steps, with profile=True
 
-What it promises: a second run on a workdir in use is refused; every file is
-replaced atomically (a kill leaves the old one or the new one); a checkpoint
+What it promises: a second run on a workdir in use is refused; config.json,
+metrics.jsonl and curves.png are replaced atomically (a kill leaves the old
+file or the new one; steps.jsonl and the events are appended); a checkpoint
 holds a checksum of its arrays and the run's id, and one that fails either is
 set aside (never deleted) in favour of the one before; resuming from any
 checkpoint ends with the same metrics, to the last digit, as a run that never
@@ -28,6 +29,7 @@ stopped. Only process 0 writes files; every process takes part in checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -116,9 +118,9 @@ class Diverged(RunError):
 class Stopped(RunError):
     """Stopped on request (Hooks.stop_requested) after saving a checkpoint; resume=True continues."""
 
-    def __init__(self, message: str, signum: int, records: list[dict]):
-        super().__init__(message)
-        self.signum, self.records = signum, records
+    def __init__(self, where: str, signum: int, records: list[dict]):
+        super().__init__(f"stopped {where}; checkpoint saved")
+        self.where, self.signum, self.records = where, signum, records
         self.exit_code = 128 + signum  # as shells report a process stopped by signal n
 
 
@@ -128,7 +130,7 @@ class Stopped(RunError):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a run, named as the command line's flags. None: the model's chapter run (models.run_defaults)."""
+    """Every setting of a run, named as the command line's flags. None: the chapter's run (models.run_defaults)."""
 
     model: str = "lenet"
     model_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"activation": "relu", "pooling": "max"}
@@ -153,6 +155,10 @@ class RunConfig:
     profile_steps: int = 5
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # numpy scalars as Python's, so that to_json writes them
+            value = getattr(self, field.name)
+            if isinstance(value, (np.integer, np.floating)):
+                object.__setattr__(self, field.name, value.item())
         _check(self)
 
     def to_json(self) -> str:
@@ -176,7 +182,9 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """This config with the chapter's values in place of None, and the model's full options."""
         chapter = models.run_defaults(self.model)
-        filled = {k: getattr(chapter, k) for k in ("lr", "optimizer", "batch_size", "epochs") if getattr(self, k) is None}
+        filled = {
+            k: getattr(chapter, k) for k in ("lr", "optimizer", "batch_size", "epochs") if getattr(self, k) is None
+        }
         defaults = {k: v for k, v in models.options(self.model).items() if k != "dtype"}
         options = defaults | self.model_options
         return self.replace(
@@ -262,7 +270,7 @@ class Hooks:
     """
 
     def on_start(self, config: dict) -> None:
-        """Before anything is compiled: config.json's contents."""
+        """Before the model is built or anything compiled: config.json's contents (num_params comes later)."""
 
     def on_message(self, text: str) -> None:
         """One line of news: resuming from a checkpoint, one set aside as damaged."""
@@ -371,33 +379,39 @@ def train_and_evaluate(config: RunConfig, workdir, *, resume: bool = False, hook
     hooks = hooks or Hooks()
     workdir = _workdir_path(workdir)
     is_writer = jax.process_index() == 0
-    with _Lock(workdir, resume=resume):
+    with _Lock(workdir, resume=resume), checkpoint.quiet_orbax():
         dataset, effective = _load(config)
         config = RunConfig.from_json(effective)
-        try:  # an option's value the model refuses, or images too small for it
-            trainer = create_trainer(
-                config,
-                num_classes=effective["num_classes"],
-                in_channels=effective["in_channels"],
-                steps_per_epoch=effective["steps_per_epoch"],
-            )
-        except ValueError as error:
-            raise UsageError(f"model {config.model!r}: {error}") from None
-        effective["num_params"] = sum(int(p.size) for p in jax.tree.leaves(trainer.state.params))
         mngr = checkpoint.manager(workdir / "checkpoints", keep=config.keep_checkpoints)
         try:
-            effective["run_id"] = _previous_run_id(workdir, mngr, effective) if resume else None
-            effective["run_id"] = effective["run_id"] or uuid.uuid4().hex
+            effective["run_id"] = _run_id(workdir, mngr, effective, resume)  # refuses other settings first
             if is_writer:
-                hooks.on_start(effective)
+                hooks.on_start(effective)  # before the model is built: that alone can take a while
+            start = time.perf_counter()
+            try:  # an option's value the model refuses, or images too small for it
+                trainer = create_trainer(
+                    config,
+                    num_classes=effective["num_classes"],
+                    in_channels=effective["in_channels"],
+                    steps_per_epoch=effective["steps_per_epoch"],
+                )
+            except ValueError as error:
+                raise UsageError(f"model {config.model!r}: {error}") from None
+            effective["num_params"] = sum(int(p.size) for p in jax.tree.leaves(trainer.state.params))
+            if is_writer:
+                seconds = time.perf_counter() - start
+                hooks.on_message(f"built {config.model}: {effective['num_params']:,} parameters in {seconds:.1f} s")
             restored = _restore(mngr, trainer, effective, hooks) if resume else None
             if is_writer:
                 _write_atomic(workdir / "config.json", json.dumps(effective, indent=2) + "\n")
-            return _Run(config, effective, workdir, dataset, trainer, mngr, hooks).loop(restored)
-        except OSError as error:
+            records = _Run(config, effective, workdir, dataset, trainer, mngr, hooks).loop(restored)
+            checkpoint.close(mngr)
+            return records
+        except OSError as error:  # checkpoint.SaveError among them
             raise StorageError(_storage_message(workdir, error)) from None
         finally:
-            mngr.close()  # waits for a checkpoint in flight: what was saved stays saved
+            with contextlib.suppress(Exception):  # after an error: wait for a save in flight, not masking the error
+                mngr.close()
 
 
 def _workdir_path(workdir) -> Path:
@@ -453,12 +467,25 @@ def _first(split: data.Split, n: int | None) -> data.Split:
     return split if n is None else data.Split(split.images[:n], split.labels[:n])
 
 
+def _run_id(workdir: Path, mngr, effective: dict, resume: bool) -> str:
+    """The resumed run's id (after checking its settings), else a new one; the same on every process."""
+    run_id = (_previous_run_id(workdir, mngr, effective) if resume else None) or uuid.uuid4().hex
+    if jax.process_count() > 1:
+        run_id = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(bytes.fromhex(run_id), np.uint8))).hex()
+    return run_id
+
+
 def _previous_run_id(workdir: Path, mngr, effective: dict) -> str | None:
     """The id of the run being resumed, after checking that it had these settings (None: no run to resume)."""
     saved = _read_json(workdir / "config.json")
-    if saved is None:  # config.json lost or damaged: the newest checkpoint keeps a copy
+    if not (isinstance(saved, dict) and saved.get("run_id")):  # lost or damaged: the checkpoints keep a copy
         saved = checkpoint.latest_meta(mngr).get("config")
-    if not isinstance(saved, dict):
+    if not (isinstance(saved, dict) and saved.get("run_id")):
+        if mngr.all_steps():
+            raise UsageError(
+                f"the checkpoints in {mngr.directory} name no run (an older jaxcnn's?), so they cannot be "
+                "checked; start a new run in another workdir (nothing was changed)"
+            )
         return None
     changed = [
         f"{key} was {saved.get(key)!r}, now {effective[key]!r}"
@@ -474,7 +501,7 @@ def _previous_run_id(workdir: Path, mngr, effective: dict) -> str | None:
         raise SettingsDiffer(
             "resume continues the run in the workdir with its own settings, but "
             + "; ".join(changed)
-            + " (only epochs may change, and only under a constant schedule)"
+            + " (epochs may change under a constant schedule; so may data_dir and how the run is logged and kept)"
         )
     return saved.get("run_id")
 
@@ -491,11 +518,12 @@ def _restore(mngr, trainer: Trainer, effective: dict, hooks: Hooks):
         )
     except ValueError as error:
         raise NoUsableCheckpoint(str(error)) from None
-    if restored is None:
-        hooks.on_message(f"no checkpoint in {mngr.directory}; starting from scratch")
-    else:
-        step, _, _, meta = restored
-        hooks.on_message(f"resuming from step {step} (epoch {meta['epoch'] + 1}, batch {meta['batch']})")
+    if jax.process_index() == 0:
+        if restored is None:
+            hooks.on_message(f"no checkpoint in {mngr.directory}; starting from scratch")
+        else:
+            step, _, _, meta = restored
+            hooks.on_message(f"resuming from step {step} (epoch {meta['epoch'] + 1}, batch {meta['batch']})")
     return restored
 
 
@@ -523,11 +551,11 @@ class _Run:
         if restored is not None:
             _, state, totals, meta = restored
             start_epoch, start_batch, history = meta["epoch"], meta["batch"], meta["history"]
-        if self.writer:
-            self.writer.start(history, resumed_at=start_epoch * self.steps_per_epoch + start_batch)
-        train_step, eval_step = self._compile(state, totals)
         self.profiler = _Profiler(self.workdir / "profile", cfg, start_epoch * self.steps_per_epoch + start_batch)
         try:
+            if self.writer:
+                self.writer.start(history, resumed_at=start_epoch * self.steps_per_epoch + start_batch)
+            train_step, eval_step = self._compile(state, totals)
             for epoch in range(start_epoch, cfg.epochs):
                 state, totals, record = self._epoch(epoch, start_batch, state, totals, history, train_step, eval_step)
                 start_batch = 0
@@ -540,7 +568,7 @@ class _Run:
                 stopping = self._agreed(self.hooks.stop_requested())
                 if stopping and epoch + 1 < cfg.epochs:
                     raise self._stopped(stopping, f"after epoch {epoch + 1}", history)
-            self.mngr.wait_until_finished()
+            checkpoint.wait(self.mngr)
             checkpoint.save_model(
                 self.workdir / "model", state.params, state.batch_stats
             )  # every process: a collective
@@ -597,10 +625,10 @@ class _Run:
             done = batch_index + 1
             mid_epoch = done < self.steps_per_epoch
             log_now = done % cfg.log_every == 0
-            # Hosts must agree on stopping, or one would save (a collective) alone: they do at log steps.
+            # Hosts must agree on stopping, or one would save (a collective) alone: they do every few steps.
             stopping = self.hooks.stop_requested()
             if self.multi_host:
-                stopping = self._agreed(stopping) if mid_epoch and log_now else 0
+                stopping = self._agreed(stopping) if mid_epoch and done % min(cfg.log_every, 10) == 0 else 0
             save_now = mid_epoch and bool(stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
             report_now = time.perf_counter() - last_report >= PROGRESS_SECONDS and not self.multi_host
             if save_now or log_now or report_now:
@@ -690,7 +718,7 @@ class _Run:
     def _check_finite(self, summary) -> None:
         if summary["first_bad_step"] < 0:
             return
-        self.mngr.wait_until_finished()
+        checkpoint.wait(self.mngr)
         latest = self.mngr.latest_step()
         kept = f"the last good checkpoint is step {latest}" if latest is not None else "no checkpoint was saved"
         raise Diverged(
@@ -700,8 +728,8 @@ class _Run:
         )
 
     def _stopped(self, signum, where, history) -> Stopped:
-        self.mngr.wait_until_finished()
-        return Stopped(f"stopped {where}; checkpoint saved", signum, history)
+        checkpoint.wait(self.mngr)
+        return Stopped(where, signum, history)
 
 
 class _Profiler:
@@ -749,7 +777,8 @@ class _Writer:
         _write_atomic(steps, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(self.workdir), purge_step=resumed_at + 1 if resumed_at else None)
+        # purge_step: TensorBoard drops what an earlier, interrupted attempt logged past the checkpoint.
+        self.tensorboard = SummaryWriter(str(self.workdir), purge_step=resumed_at + 1)
 
     def interval(self, record: dict) -> None:
         with open(self.workdir / "steps.jsonl", "a") as f:
@@ -857,7 +886,8 @@ class _Lock:
     """The workdir's lock: an flock on workdir/lock, held by process 0 for the whole run.
 
     The kernel drops an flock when its process dies, however it dies, so a killed run never blocks a
-    resume. Taken before anything else is read or written: a refused second run touches nothing.
+    resume. Taken before anything else is read or written: a refused second run changes nothing but
+    creating the workdir and its lock file if they were missing.
     """
 
     def __init__(self, workdir: Path, *, resume: bool):
@@ -887,8 +917,10 @@ class _Lock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                return UsageError(f"cannot lock {workdir / 'lock'}: {error.strerror}")
+            if error.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK: a filesystem without locks
+                return UsageError(
+                    f"cannot lock {workdir / 'lock'}: {error.strerror} (its filesystem may not support locks)"
+                )
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             return WorkdirInUse(f"workdir {workdir} is in use by {holder}; wait for it to finish or choose another")

@@ -9,7 +9,7 @@ inserts the gradient all-reduce and BatchNorm sees the global batch. One
 device is the same code path.
 
 Metrics are summed on device inside the steps (`Totals`), so the loop never
-waits on the host; the runner fetches them once per log interval.
+waits on the host; the run fetches them once per log interval (or every few seconds).
 """
 
 from __future__ import annotations

@@ -151,6 +151,12 @@ def test_bad_config_is_a_value_error_naming_the_field(changes, field):
         tiny(**changes)
 
 
+def test_numpy_scalars_become_python_numbers():
+    config = tiny(epochs=np.int64(2), lr=np.float32(0.5))
+    assert type(config.epochs) is int and type(config.lr) is float
+    assert RunConfig.from_json(config.to_json()) == config
+
+
 def test_from_json_refuses_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['learning_rate'\]"):
         RunConfig.from_json('{"learning_rate": 0.1}')
@@ -318,7 +324,7 @@ def _damage_meta(checkpoint_dir: Path, **changes):
         ("another step's arrays", "disagrees"),
         ("meta's checksums edited", "checksums"),
         ("another run's", "belongs to run"),
-        ("meta says epoch 5", "disagrees"),
+        ("meta says epoch 5", "history holds 2 epochs, not its epoch 5"),
         ("meta without history", "lacks history"),
     ],
 )
@@ -348,6 +354,33 @@ def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, d
     assert "resuming from step 12" in hooks.messages()
     assert learned(records) == learned(finished[1])
     assert (workdir / "checkpoints" / "16.damaged").is_dir()
+
+
+def test_checksums_see_any_changed_word():
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
+    before = checkpoint.checksums({"x": x, "flag": jnp.array([True, False]), "half": x.astype(jnp.bfloat16)})
+    # Two sign flips: a plain sum of odd-weighted words mod 2**32 cannot see this pair; a hashed one can.
+    flipped = x.at[1268].multiply(-1).at[1274].multiply(-1)
+    after = checkpoint.checksums({"x": flipped, "flag": jnp.array([True, False]), "half": x.astype(jnp.bfloat16)})
+    # Leaves in key order: flag, half, x.
+    assert (before[2] != after[2]).all() and (before[:2] == after[:2]).all()
+    flag = checkpoint.checksums({"x": x, "flag": jnp.array([True, True]), "half": x.astype(jnp.bfloat16)})
+    assert (flag[0] != before[0]).all() and (flag[1:] == before[1:]).all()
+
+
+def test_checkpoints_that_name_no_run_are_refused_untouched(finished, tmp_path):
+    workdir = copy_run(finished, tmp_path)
+    (workdir / "config.json").unlink()
+    for meta in (workdir / "checkpoints").glob("*/meta/metadata"):
+        values = json.loads(meta.read_text())
+        del values["config"]  # as an older jaxcnn wrote them
+        meta.write_text(json.dumps(values))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(run.UsageError, match="name no run"):
+        run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,15 @@ TINY = ["--dataset", "mnist_10k", "--train-examples", "256", "--test-examples", 
 LENET_FAST = TINY + ["--activation", "relu", "--pooling", "max", "--optimizer", "adam", "--lr", "0.003"]
 
 
+def _has_gpu() -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices("cuda"))
+    except Exception:  # no CUDA plugin, or no GPU behind it
+        return False
+
+
 def run_lenet(workdir, *extra):
     return lenet.main([*LENET_FAST, "--workdir", str(workdir), *extra])
 
@@ -104,7 +113,8 @@ def test_same_seed_same_metrics_to_the_last_digit(reference, tmp_path, capsys):
     assert "\r" not in out
     lines = out.splitlines()
     assert lines[0].startswith("lenet (activation=relu, pooling=max) on mnist_10k: 256 train / 96 test images")
-    assert lines[1] == "compiling the train step ..." and lines[2].startswith("compiled the train step in ")
+    assert lines[1].startswith("built lenet: 61,706 parameters in ")
+    assert lines[2] == "compiling the train step ..." and lines[3].startswith("compiled the train step in ")
 
 
 def test_a_terminal_gets_a_progress_bar():
@@ -165,7 +175,11 @@ def test_resume_extends_a_finished_run(reference, tmp_path, capsys):
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--accelerator", "tpu"], "no TPU is available"),
-        (["--accelerator", "gpu"], "pip install -e '.[cuda]'"),
+        pytest.param(
+            ["--accelerator", "gpu"],
+            "pip install -e '.[cuda]'",
+            marks=pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU"),
+        ),
         (["--seed", str(2**32)], "--seed: must be below 2**32"),
         (["--workdir", ""], "--workdir must not be empty"),
         (["--resume"], "--resume needs the --workdir"),
@@ -216,6 +230,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL, "".join(lines)
 
+    assert (tmp_path / "lock").exists()  # left by the killed run: its flock died with it
     resumed = subprocess_run([*args, "--resume"])
     output = resumed.stdout.read()
     assert resumed.wait(timeout=120) == 0, output
@@ -262,6 +277,41 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, output
     assert "Traceback" not in output, output
     assert "interrupted; the checkpoints saved so far are intact" in output or "stopped by SIGINT" in output
+
+
+def test_a_second_signal_interrupts_at_once():
+    from experiments.runner import _StopFlag
+
+    try:
+        with _StopFlag() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+            assert stop.signal == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a signalled run is ending: no more
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_full_disk_mid_save_is_one_line(tmp_path):
+    """Checkpoint writes that fail (here: past a file-size limit) end the run with one error line and exit 1."""
+    limited = (
+        "import resource, runpy, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # writes past the limit fail with EFBIG instead
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024)); "
+        "sys.argv[0] = 'lenet'; runpy.run_module('experiments.lenet', run_name='__main__')"
+    )
+    args = ["-c", limited, *LENET_FAST, "--epochs", "1", "--workdir", str(tmp_path)]
+    proc = subprocess_run(args, env_extra={"PYTHONDONTWRITEBYTECODE": "1"})
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output
+    # One line from the run. (TensorStore's write threads may still print their own tracebacks as
+    # Orbax closes its event loop under them: that is theirs to fix.)
+    assert "error: cannot write the run's files" in output and "File too large" in output, output
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == []
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):
@@ -374,16 +424,19 @@ ENTRIES = {"lenet": "lenet", "vgg": "vgg11", "resnet": "resnet18", "resnext": "r
            "resnet34": "resnet34", "resnet50": "resnet50"}  # fmt: skip
 
 
-def test_every_model_has_an_entry_point_with_its_chapter_defaults():
+def test_every_model_has_an_entry_point_with_its_chapter_defaults(monkeypatch):
     import importlib
 
     from experiments import runner
     from jaxcnn import models
 
+    called = {}
+    monkeypatch.setattr(runner, "main", lambda entry, model, *args, **kwargs: called.update({entry: model}))
     assert set(ENTRIES.values()) | {"lenet_bn"} == set(models.names())  # lenet_bn: lenet --batch-norm
     for entry, model in ENTRIES.items():
         module = importlib.import_module(f"experiments.{entry}")
-        assert module.main.__module__ == f"experiments.{entry}"
+        module.main([])
+        assert called[entry] == model  # the entry point trains the model it is named for
         args = runner.build_parser(entry, model, getattr(module, "flags", None)).parse_args([])
         chapter = models.run_defaults(model)
         assert (args.lr, args.optimizer, args.batch_size, args.epochs) == (
