@@ -29,6 +29,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+# Flag types for the notes' experiments and the multi-host flags. The run's own flags are parsed
+# with int/float only: RunConfig checks their values, once, and names the flag's field.
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -50,31 +54,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    value = _non_negative_int(text)
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text!r}")
-    return value
-
-
-def _number(text: str) -> float:
+def _positive_float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 
@@ -90,7 +76,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(entry: str, model: str, model_flags=None) -> argparse.ArgumentParser:
     from jaxcnn import models, train
 
-    chapter = run.RunConfig(model=model).resolved()
+    defaults = run.RunConfig(model=model)  # the flags' defaults: RunConfig's, None meaning the chapter's
+    chapter = defaults.resolved()
     title = models.run_defaults(model).title
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{entry}",
@@ -98,41 +85,43 @@ def build_parser(entry: str, model: str, model_flags=None) -> argparse.ArgumentP
         formatter_class=_HelpFormatter,
     )
     add = parser.add_argument
+
+    def chapters(field: str) -> str:
+        return f"(default: the chapter's, {getattr(chapter, field)})"
+
     # fmt: off
     add("--accelerator", choices=ACCELERATORS, default="auto",
         help="where to train; one that is not there is an error, never a silent fallback")
-    add("--dataset", default=chapter.dataset,
+    add("--dataset", default=defaults.dataset,
         help="'mnist_10k' (bundled, offline), a TFDS name (fashion_mnist, mnist, ...), or a directory of IDX files")
-    add("--data-dir", default="", help="TFDS data directory (where prepared TFDS datasets live)")
-    add("--epochs", type=_positive_int, default=chapter.epochs, help="passes over the training set")
-    add("--batch-size", type=_positive_int, default=chapter.batch_size,
-        help="global batch size, split evenly over all devices (must divide by the device count)")
-    add("--lr", type=_positive_float, default=chapter.lr, help="peak learning rate")
-    add("--optimizer", choices=train.OPTIMIZERS, default=chapter.optimizer,
-        help="sgd (the chapters'), sgd with momentum 0.9, adam, adamw")
-    add("--schedule", choices=train.SCHEDULES, default=chapter.schedule, help="learning-rate schedule after warm-up")
-    add("--warmup-epochs", type=_non_negative_float, default=chapter.warmup_epochs,
-        help="linear warm-up from 0, in epochs")
-    add("--weight-decay", type=_non_negative_float, default=chapter.weight_decay,
+    add("--data-dir", default=defaults.data_dir, help="TFDS data directory (where prepared TFDS datasets live)")
+    add("--epochs", type=int, default=defaults.epochs, help=f"passes over the training set {chapters('epochs')}")
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help=f"global batch size, split evenly over all devices {chapters('batch_size')}")
+    add("--lr", type=float, default=defaults.lr, help=f"peak learning rate {chapters('lr')}")
+    add("--optimizer", choices=train.OPTIMIZERS, default=defaults.optimizer,
+        help=f"sgd (the chapters'), sgd with momentum 0.9, adam, adamw {chapters('optimizer')}")
+    add("--schedule", choices=train.SCHEDULES, default=defaults.schedule, help="learning-rate schedule after warm-up")
+    add("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up from 0, in epochs")
+    add("--weight-decay", type=float, default=defaults.weight_decay,
         help="L2 for sgd/momentum/adam (as PyTorch's), decoupled for adamw")
-    add("--seed", type=_seed, default=chapter.seed, help="initialisation, data order and dropout")
+    add("--seed", type=int, default=defaults.seed, help="initialisation, data order and dropout")
     add("--workdir", default=None, help=f"where the run writes everything (default: a new runs/{entry}-DATE-TIME)")
     add("--resume", action="store_true", help="continue the run in --workdir from its newest usable checkpoint")
-    add("--image-size", type=_positive_int, default=chapter.image_size,
-        help="resize images to this square size (the chapter's size for the model by default)")
-    add("--dtype", choices=run.DTYPES, default=chapter.dtype,
+    add("--image-size", type=int, default=defaults.image_size,
+        help=f"resize images to this square size {chapters('image_size')}")
+    add("--dtype", choices=run.DTYPES, default=defaults.dtype,
         help="compute dtype; parameters, loss, BatchNorm statistics and optimizer state stay float32")
-    add("--checkpoint-every", type=_non_negative_int, default=chapter.checkpoint_every,
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
         help="also checkpoint every N steps (0: only at the end of each epoch)")
-    add("--keep-checkpoints", type=_positive_int, default=chapter.keep_checkpoints,
-        help="how many recent checkpoints to keep")
-    add("--log-every", type=_positive_int, default=chapter.log_every,
+    add("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="how many recent checkpoints to keep")
+    add("--log-every", type=int, default=defaults.log_every,
         help="steps between the records of steps.jsonl (the bar also moves every few seconds)")
-    add("--train-examples", type=_positive_int, default=None, help="use only the first N training examples")
-    add("--test-examples", type=_positive_int, default=None, help="use only the first N test examples")
+    add("--train-examples", type=int, default=None, help="use only the first N training examples")
+    add("--test-examples", type=int, default=None, help="use only the first N test examples")
     add("--profile", action="store_true",
         help="write a jax.profiler trace of a few steady-state steps to WORKDIR/profile")
-    add("--profile-steps", type=_positive_int, default=chapter.profile_steps, help="how many steps --profile traces")
+    add("--profile-steps", type=int, default=defaults.profile_steps, help="how many steps --profile traces")
     # fmt: on
     group = parser.add_argument_group("multi-host (jax.distributed)")
     group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
@@ -175,8 +164,10 @@ def main(entry: str, model: str, model_flags=None, model_options=None, argv=None
         config = run.RunConfig(
             model=model, model_options=options, **{k: v for k, v in vars(args).items() if k in fields}
         )
-    except ValueError as error:
-        parser.error(str(error))
+    except run.ConfigError as error:
+        if error.field == "model_options":
+            parser.error(str(error))
+        parser.error(f"argument --{error.field.replace('_', '-')}: must be {error.want}, got {error.value!r}")
     _select_accelerator(parser, args)
     stop = _StopFlag()
     hooks = ConsoleHooks(stop)

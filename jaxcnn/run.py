@@ -128,6 +128,14 @@ class Stopped(RunError):
 # The configuration.
 
 
+class ConfigError(ValueError):
+    """A RunConfig field with a value it cannot take: `field` names it, `want` says what it must be."""
+
+    def __init__(self, field: str, want: str, value):
+        super().__init__(f"RunConfig: {field} must be {want}, got {value!r}")
+        self.field, self.want, self.value = field, want, value
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, named as the command line's flags. None: the chapter's run (models.run_defaults)."""
@@ -211,7 +219,7 @@ def _check(config: RunConfig) -> None:
     """Every field's type and range, in one place; a ValueError naming the field."""
 
     def fail(name, want):
-        raise ValueError(f"RunConfig: {name} must be {want}, got {getattr(config, name)!r}")
+        raise ConfigError(name, want, getattr(config, name))
 
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -227,7 +235,7 @@ def _check(config: RunConfig) -> None:
     unknown = sorted(set(config.model_options) - set(allowed) | ({"dtype"} & set(config.model_options)))
     if unknown:
         allowed = sorted(set(allowed) - {"dtype"})
-        raise ValueError(f"RunConfig: model_options {unknown} are not options of {config.model!r}; allowed: {allowed}")
+        raise ConfigError("model_options", f"options of {config.model!r} ({allowed}; dtype is a field)", unknown)
     for name in ("dataset", "data_dir"):
         if not isinstance(getattr(config, name), str):
             fail(name, "a string")
@@ -236,7 +244,7 @@ def _check(config: RunConfig) -> None:
     for name in ("epochs", "batch_size", "image_size", "train_examples", "test_examples"):
         value = getattr(config, name)
         if value is not None and not (is_int(value) and value >= 1):
-            fail(name, "a positive int or None")
+            fail(name, "a positive int")  # or None
     for name in ("keep_checkpoints", "log_every", "profile_steps"):
         if not (is_int(getattr(config, name)) and getattr(config, name) >= 1):
             fail(name, "a positive int")
@@ -245,12 +253,12 @@ def _check(config: RunConfig) -> None:
     if not (is_int(config.seed) and 0 <= config.seed < 2**32):
         fail("seed", "an int in [0, 2**32)")  # what jax.random.PRNGKey and numpy's generators both take
     if config.lr is not None and not (is_number(config.lr) and config.lr > 0):
-        fail("lr", "a positive finite number or None")
+        fail("lr", "a positive finite number")  # or None
     for name in ("warmup_epochs", "weight_decay"):
         if not (is_number(getattr(config, name)) and getattr(config, name) >= 0):
             fail(name, "a finite number >= 0")
     if config.optimizer is not None and config.optimizer not in train.OPTIMIZERS:
-        fail("optimizer", f"one of {train.OPTIMIZERS} or None")
+        fail("optimizer", f"one of {train.OPTIMIZERS}")  # or None
     if config.schedule not in train.SCHEDULES:
         fail("schedule", f"one of {train.SCHEDULES}")
     if config.dtype not in DTYPES:
