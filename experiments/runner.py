@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shlex
 import signal
 import sys
@@ -26,7 +27,6 @@ import time
 from jaxcnn import run
 
 ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 # Flag types for the notes' experiments and the multi-host flags. The run's own flags are parsed
@@ -195,10 +195,6 @@ def main(entry: str, model: str, model_flags=None, model_options=None, argv=None
         hooks.close()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:  # Ctrl-C twice: stop at once; the checkpoints saved so far are intact
-        hooks.close()
-        print(f"\n{parser.prog}: interrupted; the checkpoints saved so far are intact", file=sys.stderr)
-        return EXIT_INTERRUPTED
     if records:
         final = records[-1]
         _say(
@@ -245,10 +241,10 @@ def _select_accelerator(parser, args) -> None:
 
 
 class _StopFlag:
-    """SIGTERM and Ctrl-C ask the run to checkpoint and stop after the current step; a second one stops at once.
-
-    A signalled run is ending: from its second signal on (or its end), more signals are ignored, as
-    they could only interrupt the clean-up with tracebacks.
+    """SIGTERM and Ctrl-C ask the run to checkpoint and stop after the current step; a second one ends the
+    process at once, as a kill would (the checkpoints already saved are complete; a save in flight is
+    never adopted). Raising KeyboardInterrupt instead could land in a garbage-collector callback, where
+    Python prints it and carries on.
     """
 
     signal = 0
@@ -258,14 +254,13 @@ class _StopFlag:
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
+        for sig, handler in self._previous.items():  # a signalled run is ending: more signals are ignored
             signal.signal(sig, signal.SIG_IGN if self.signal else handler)
 
     def _handle(self, signum, frame):
         if self.signal:
-            for sig in self._previous:
-                signal.signal(sig, signal.SIG_IGN)
-            raise KeyboardInterrupt
+            print("\ninterrupted again: stopped at once; the checkpoints saved so far are intact", flush=True)
+            os._exit(128 + signum)
         self.signal = signum
 
 

@@ -276,24 +276,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     output = "".join(lines) + proc.stdout.read()
     assert proc.returncode == 128 + signal.SIGINT, output
     assert "Traceback" not in output, output
-    assert "interrupted; the checkpoints saved so far are intact" in output or "stopped by SIGINT" in output
-
-
-def test_a_second_signal_interrupts_at_once():
-    from experiments.runner import _StopFlag
-
-    try:
-        with _StopFlag() as stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.01)  # the handler runs between bytecodes
-            assert stop.signal == signal.SIGTERM
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a signalled run is ending: no more
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Almost always the second signal lands while the first stop saves; if the stop was quicker, it ended it.
+    assert "interrupted again: stopped at once" in output or "stopped by SIGINT" in output
 
 
 def test_a_full_disk_mid_save_is_one_line(tmp_path):
