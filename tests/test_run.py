@@ -317,43 +317,50 @@ def _damage_meta(checkpoint_dir: Path, **changes):
     path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize(
-    "damage, why",
-    [
-        ("flip a byte", "checksums"),
-        ("another step's arrays", "disagrees"),
-        ("meta's checksums edited", "checksums"),
-        ("another run's", "belongs to run"),
-        ("meta says epoch 5", "history holds 2 epochs, not its epoch 5"),
-        ("meta without history", "lacks history"),
-    ],
-)
-def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, damage, why):
-    workdir = copy_run(finished, tmp_path)
-    last = workdir / "checkpoints" / "16"
+def _damage(checkpoints: Path, step: int, damage: str) -> None:
+    where = checkpoints / str(step)
     if damage == "flip a byte":
-        largest = max((p for p in (last / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        largest = max((p for p in (where / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
         data = bytearray(largest.read_bytes())
         data[len(data) // 2] ^= 0x01
         largest.write_bytes(bytes(data))
     elif damage == "another step's arrays":
-        shutil.rmtree(last / "state")
-        shutil.copytree(workdir / "checkpoints" / "12" / "state", last / "state")
+        shutil.rmtree(where / "state")
+        shutil.copytree(checkpoints / "8" / "state", where / "state")
     elif damage == "meta's checksums edited":
-        sums = json.loads((last / "meta" / "metadata").read_text())["checksums"]
-        _damage_meta(last, checksums=[[a ^ 1, b] for a, b in sums])
+        sums = json.loads((where / "meta" / "metadata").read_text())["checksums"]
+        _damage_meta(where, checksums=[[a ^ 1, b] for a, b in sums])
     elif damage == "another run's":
-        _damage_meta(last, run_id="0" * 32)
+        _damage_meta(where, run_id="0" * 32)
     elif damage == "meta says epoch 5":
-        _damage_meta(last, epoch=5)
+        _damage_meta(where, epoch=5)
     else:
-        _damage_meta(last, history=None)
+        assert damage == "meta without history"
+        _damage_meta(where, history=None)
+
+
+# Two damages a resume (one on each of the newest two checkpoints, 16 and 12), and why each is set aside.
+@pytest.mark.parametrize(
+    "damages",
+    [
+        {"flip a byte": "checksums", "another run's": "belongs to run"},
+        {"another step's arrays": "disagrees", "meta says epoch 5": "not its epoch 5"},
+        {"meta's checksums edited": "checksums", "meta without history": "lacks history"},
+    ],
+)
+def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, damages):
+    workdir = copy_run(finished, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    for step, damage in zip((16, 12), damages, strict=True):
+        _damage(checkpoints, step, damage)
     hooks = Recorder()
     records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
-    assert f"checkpoint {last} is damaged" in hooks.messages() and why in hooks.messages()
-    assert "resuming from step 12" in hooks.messages()
+    said = hooks.messages().splitlines()
+    for step, why in zip((16, 12), damages.values(), strict=True):
+        assert any(f"checkpoint {checkpoints / str(step)} is damaged" in line and why in line for line in said), said
+        assert (checkpoints / f"{step}.damaged").is_dir()
+    assert "resuming from step 8 (epoch 2, batch 0)" in said
     assert learned(records) == learned(finished[1])
-    assert (workdir / "checkpoints" / "16.damaged").is_dir()
 
 
 def test_checksums_see_any_changed_word():
