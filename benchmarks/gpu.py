@@ -405,6 +405,7 @@ def stop_now(reason: str) -> None:
     compile in the main thread) may still be busy."""
     RESULT["interrupted"] = reason
     RESULT["seconds_total"] = round(time.perf_counter() - START, 1)
+    text = json.dumps({"interrupted": reason})  # if RESULT never holds still long enough to serialise
     for _ in range(10):
         try:
             text = json.dumps(RESULT)
