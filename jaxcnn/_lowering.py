@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-LOWERINGS = ("auto", "xla", "matmul")
+LOWERINGS = ("auto", "xla", "matmul", "winograd")
 ENV_VAR = "JAXCNN_CONV_LOWERING"
 
 # Bytes of patch matrix per chunk of images: a few MiB stay in cache and in
@@ -61,6 +61,8 @@ MAX_XLA_FORWARD_PATCH_BYTES = 256 * 2**20
 # Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
 WIDE_CHANNELS = 32
 MANY_ROWS = 4096
+# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (narrower ones: XLA's is as fast).
+WINOGRAD_CHANNELS = 64
 
 
 def mode(fn: str, lowering: str | None) -> str:
@@ -72,8 +74,12 @@ def mode(fn: str, lowering: str | None) -> str:
     return chosen
 
 
-def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw) -> str:
-    """What "auto" computes on CPU (groups=1), from measurements on a 2-core AVX-512 machine:
+def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(1, 1)) -> str:
+    """What "auto" computes on CPU (groups=1), from measurements on 2-core AVX-512 machines:
+
+    "winograd"     3x3 stride-1 undilated kernels on maps larger than 4x4 with at least 64 input
+                   channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
+                   2.25x fewer products, 1.1-1.6x faster forward and backward than the next best.
 
     "matmul"       1x1 kernels; maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
@@ -92,7 +98,8 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw) -> str:
         patch_bytes = 4 * kernel_hw[0] * kernel_hw[1] * channels * batch * out_hw[0] * out_hw[1]
         return "xla_forward" if patch_bytes <= MAX_XLA_FORWARD_PATCH_BYTES else "xla"
     if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
-        return "matmul"
+        winograd = (kernel_hw, stride, dilation) == ((3, 3), (1, 1), (1, 1)) and channels >= WINOGRAD_CHANNELS
+        return "winograd" if winograd else "matmul"
     return "xla"
 
 
@@ -289,3 +296,110 @@ def _patches_t(x, kernel_hw, out_hw, stride, padding, dilation) -> jax.Array:
     )
     views = strided_views(xp, (1, 1, kh, kw), (1, 1, sh, sw), (1, 1, dh, dw))
     return jnp.stack(views).reshape(kh * kw * c, n * ho * wo)
+
+
+# Winograd's F(2x2, 3x3): each 4x4 input tile d gives a 2x2 output tile
+# A^T [(G g G^T) * (B^T d B)] A, 16 products per tile and channel pair where a
+# direct convolution makes 36. Coefficients 0, +-1 and 1/2 keep float32 within
+# a few ulps of the direct sum (F(4x4, 3x3) multiplies 4x less but its 1/4 ... 1/24
+# coefficients cost digits).
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
+    """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(2x2, 3x3).
+
+    Its gradients are Winograd convolutions too: the input gradient is the
+    convolution of dY with the flipped kernel, the weight gradient 16 products
+    of transformed input tiles with transformed dY tiles, summed over tiles.
+    """
+    if w.shape[:2] != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        raise ValueError(
+            f"conv2d_winograd: a 3x3 kernel at stride 1 without dilation, got {w.shape[:2]}, {stride}, {dilation}"
+        )
+    return _winograd(x, w, tuple(map(tuple, padding)), precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _winograd(x, w, padding, precision):
+    return _winograd_conv(x, w, padding, precision)
+
+
+def _winograd_jvp(padding, precision, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    y = _winograd_conv(x, w, padding, precision)
+    # Each tangent term is written as the transpose of its gradient, so that reverse mode,
+    # transposing it back, runs the gradient as written: Winograd convolutions, not the
+    # transpose of the forward's tile gathers (scatter-adds, several times slower).
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        (top, bottom), (left, right) = padding
+        flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+        input_grad = lambda dy: _winograd_conv(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), precision)  # noqa: E731
+        terms.append(jax.linear_transpose(input_grad, y)(dx)[0])
+    if not isinstance(dw, SymbolicZero):
+        # The weight gradient as the patch product's (dY^T @ patches, chunked): measured 2-3x
+        # faster than Winograd's, whose tile sums contract over the long pixel axis.
+        conv = functools.partial(conv2d_matmul, x, stride=(1, 1), padding=padding, dilation=(1, 1), precision=precision)
+        weight_grad = lambda dy: jax.vjp(conv, w)[1](dy)[0]  # noqa: E731
+        terms.append(jax.linear_transpose(weight_grad, y)(dw)[0])
+    return y, _sum_or_zeros(terms, y)
+
+
+_winograd.defjvp(_winograd_jvp, symbolic_zeros=True)
+
+
+def _combine(arrays, m) -> list:
+    """[sum_a m[i, a] * arrays[a] for each row i of m], skipping zero coefficients."""
+    out = []
+    for row in m:
+        terms = [a if c == 1 else -a if c == -1 else c * a for c, a in zip(row.tolist(), arrays) if c]
+        out.append(functools.reduce(jnp.add, terms))
+    return out
+
+
+def _winograd_tiles(x, padding, out_hw) -> jax.Array:
+    """The transformed input tiles B^T d B of x (N, H, W, C), as (16, N * th * tw, C) in (i, j) order."""
+    _, h, wd, c = x.shape
+    th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    (top, _), (left, _) = padding
+    # Pad (or crop) so that 4x4 tiles at stride 2 cover every output, rounded up to whole tiles.
+    pads = ((0, 0, 0), (top, 2 * th + 2 - h - top, 0), (left, 2 * tw + 2 - wd - left, 0), (0, 0, 0))
+    xp = lax.pad(x, jnp.zeros((), x.dtype), pads)
+
+    def views(a, axis, size):  # the 4 tile rows (or columns) at stride 2
+        return [lax.slice_in_dim(a, t, t + 2 * size - 1, 2, axis) for t in range(4)]
+
+    # B^T d B, separably: the rows of every tile first, then their columns.
+    rows = _combine(views(xp, 1, th), WINOGRAD_BT)
+    return jnp.stack([v for r in rows for v in _combine(views(r, 2, tw), WINOGRAD_BT)]).reshape(16, -1, c)
+
+
+def _winograd_conv(x, w, padding, precision) -> jax.Array:
+    n, h, wd, c = x.shape
+    o = w.shape[3]
+    (top, bottom), (left, right) = padding
+    ho, wo = h + top + bottom - 2, wd + left + right - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    u = jnp.einsum("ia,jb,abco->ijco", WINOGRAD_G, WINOGRAD_G, w, precision=precision).reshape(16, c, o)
+
+    def conv(x):
+        v = _winograd_tiles(x, padding, (ho, wo))
+        m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (16, P, O)
+        # A^T m A, separably, then the 2x2 output tiles interleaved into the map.
+        cols = [_combine([m[4 * i + j] for i in range(4)], WINOGRAD_AT) for j in range(4)]
+        y = jnp.stack([jnp.stack(_combine([cols[j][p] for j in range(4)], WINOGRAD_AT)) for p in range(2)])
+        y = y.reshape(2, 2, -1, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, 2 * th, 2 * tw, o)
+        return y[:, :ho, :wo]
+
+    # A few MiB of tiles at a time, as the patch product does, for the same reasons.
+    chunk = _divisor_near(n, min(n, max(1, CHUNK_BYTES // (16 * th * tw * c * x.dtype.itemsize))))
+    if chunk == n:
+        return conv(x)
+    whole = n // chunk * chunk
+    ys = [lax.map(conv, x[:whole].reshape(-1, chunk, h, wd, c)).reshape(whole, ho, wo, o)]
+    if whole < n:  # the remainder, as one smaller chunk
+        ys.append(conv(x[whole:]))
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys)

@@ -242,11 +242,14 @@ def conv2d(
     b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
     (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
 
-    lowering: "auto", "xla" or "matmul"; None reads $JAXCNN_CONV_LOWERING
+    lowering: "auto", "xla", "matmul" or "winograd"; None reads $JAXCNN_CONV_LOWERING
     when conv2d runs or is traced (a jitted function keeps the lowering it
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
-    "auto" picks by shape on CPU (`_lowering.auto_choice`): the products
+    "winograd" is Winograd's F(2x2, 3x3) for 3x3 stride-1 undilated kernels
+    ("auto"'s choice for any other). "auto" picks by shape on CPU
+    (`_lowering.auto_choice`): Winograd for 3x3 stride-1 kernels on wide
+    inputs and maps over 4x4, the products
     where XLA's convolution and above all its gradients are slow (up to 300x
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
     with a product for the weight gradient on strided kernels over few
@@ -311,10 +314,16 @@ def conv2d(
         y = xla(x, w)
     elif how == "matmul":
         y = nhwc(_lowering.conv2d_matmul)(x, w)
+    elif how == "winograd" and ((kh, kw), stride, dilation) == ((3, 3), (1, 1), (1, 1)):
+        y = nhwc(_lowering.conv2d_winograd)(x, w)
     else:
         out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
-        choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw)
-        cpu = {"matmul": _lowering.conv2d_matmul, "xla_forward": _lowering.conv2d_xla_forward}.get(choice)
+        choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw, dilation)
+        cpu = {
+            "matmul": _lowering.conv2d_matmul,
+            "xla_forward": _lowering.conv2d_xla_forward,
+            "winograd": _lowering.conv2d_winograd,
+        }.get(choice)
         # Resolved when lowered: the choice on CPU, XLA's convolution elsewhere.
         y = xla(x, w) if cpu is None else lax.platform_dependent(x, w, cpu=nhwc(cpu), default=xla)
     if b is not None:

@@ -1,5 +1,5 @@
-"""conv2d's matmul lowering against XLA's convolution and the NumPy twin: values,
-gradients, which lowering each shape gets, and the switch."""
+"""conv2d's matmul and Winograd lowerings against XLA's convolution and the NumPy twin:
+values, gradients, which lowering each shape gets, and the switch."""
 
 import functools
 
@@ -25,7 +25,9 @@ CASES = {
     "3x3_s2_to_1x1": ((2, 2, 2, 8), (3, 3, 8, 4), dict(stride=2, padding=1)),  # 2x2 live taps, cropped
     "1x1_padded": ((2, 2, 2, 8), (1, 1, 8, 4), dict(padding=1)),  # a ring of outputs that see only padding
     "only_padding": ((2, 1, 1, 8), (1, 1, 8, 4), dict(stride=3, padding=1)),  # nothing but the bias
-    "3x3_wide": ((2, 4, 4, 8), (3, 3, 8, 4), dict(padding=1)),  # patches
+    "3x3_wide": ((2, 4, 4, 8), (3, 3, 8, 4), dict(padding=1)),  # patches; Winograd's 2x2 tiles
+    # Winograd on odd outputs (a part tile) and uneven padding, its input gradient's padding 2 - 2 and 2 - 0.
+    "3x3_odd_uneven": ((2, 5, 7, 8), (3, 3, 8, 4), dict(padding=((2, 0), (0, 1)))),
     "3x3_strided": ((2, 4, 4, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),  # few channels: batch-minor patches
     "asymmetric": ((2, 5, 6, 3), (2, 3, 3, 4), dict(stride=(2, 1), padding=((0, 1), (2, 0)))),
     "same_stride2": ((2, 6, 6, 2), (3, 3, 2, 3), dict(stride=2, padding="SAME")),
@@ -85,7 +87,7 @@ def test_gradients_equal_xla(name):
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
 
     want = grads("xla")
-    for lowering in ("matmul", "auto"):
+    for lowering in ("matmul", "winograd", "auto"):
         got = grads(lowering)
         chex.assert_trees_all_equal_shapes(got, (x, w, b))
         for g, h, what in zip(got, want, ("x", "w", "b")):
@@ -116,6 +118,8 @@ def test_matmul_gradients_match_finite_differences(name):
         ("auto", (8, 8, 8, 64), (3, 3, 64, 64), dict(padding=1), True),  # wide, but 512 rows
         ("auto", (64, 8, 8, 64), (3, 3, 64, 64), dict(padding=1), False),  # wide, 4096 rows
         ("auto", (8, 4, 4, 16), (3, 3, 16, 32), dict(padding=1), False),  # a 4x4 map
+        ("winograd", (2, 6, 6, 8), (3, 3, 8, 4), dict(padding=1), False),
+        ("winograd", (2, 8, 8, 8), (3, 3, 8, 4), dict(padding=2, dilation=2), True),  # not 3x3 stride 1: "auto"'s
     ],
 )
 def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
@@ -181,20 +185,22 @@ def test_bfloat16_keeps_its_dtype():
     np.testing.assert_allclose(np.float32(ys["matmul"]), np.float32(ys["xla"]), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("name", ["asymmetric", "3x3_wide"])
-def test_chunked_batches_equal_xla(monkeypatch, name):
-    """Patches over CHUNK_BYTES are built a few images at a time, in a loop, and rebuilt for the gradient."""
+@pytest.mark.parametrize("name, lowering", [("asymmetric", "matmul"), ("3x3_wide", "matmul"), ("3x3_wide", "winograd")])
+def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
+    """Patches (or Winograd tiles) over CHUNK_BYTES are built a few images at a time, in a loop,
+    and rebuilt for the gradient."""
     x, w, b, kwargs = case_args(name, seed=3)
-    per_image = {"asymmetric": 1296, "3x3_wide": 4608}[name]  # bytes of one image's patch matrix
+    # Bytes of one image's patch matrix, or of its 16 x 2 x 2 transformed tiles of 8 channels.
+    per_image = {"asymmetric": 1296, "3x3_wide": 4608 if lowering == "matmul" else 2048}[name]
     monkeypatch.setattr(_lowering, "CHUNK_BYTES", 3 * per_image)
     x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
-    assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering="matmul"), x.shape, w.shape)
-    assert_close(conv("matmul", kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
+    assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering), x.shape, w.shape)
+    assert_close(conv(lowering, kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
 
     def grads(lowering):
         return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_fn(lowering, kwargs)(x, w))), (0, 1)))(x, w)
 
-    for g, h in zip(grads("matmul"), grads("xla")):
+    for g, h in zip(grads(lowering), grads("xla")):
         # A weight gradient sums hundreds of products, over 2 or 3 chunks here.
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
 
@@ -228,3 +234,36 @@ def test_forward_mode_and_per_example_gradients():
     for lowering in ("matmul", "auto"):
         assert_close(jvp[lowering], jvp["xla"], err_msg=lowering)
         assert_close(per_example(lowering)(x, w), per_example("xla")(x, w), err_msg=lowering)
+
+
+def test_winograd_forward_mode_per_example_gradients_and_choice():
+    """Winograd's custom_jvp keeps jax.jvp and vmap of grad working; "auto" takes it for ResNet's wide
+    3x3 stride-1 convolutions only."""
+    x, w, _, kwargs = case_args("3x3_odd_uneven")
+    tangents = (np.ones_like(x), np.ones_like(w))
+    jvp = {lowering: jax.jvp(conv_fn(lowering, kwargs), (x, w), tangents)[1] for lowering in ("winograd", "xla")}
+    assert_close(jvp["winograd"], jvp["xla"])
+
+    def per_example(lowering):
+        return jax.vmap(jax.grad(lambda xi, w: jnp.sum(conv_fn(lowering, kwargs)(xi[None], w) ** 2), 1), (0, None))
+
+    # Each weight gradient sums a few hundred products.
+    np.testing.assert_allclose(per_example("winograd")(x, w), per_example("xla")(x, w), rtol=1e-4, atol=1e-4)
+    assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24)) == "winograd"  # ResNet-18's stage 1 at 96 px
+    assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dilation=(2, 2)) == "matmul"
+    assert _lowering.auto_choice(256, 32, (3, 3), (1, 1), (24, 24)) == "matmul"  # narrower: patches
+    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (4, 4)) == "matmul"  # a 4x4 map
+
+
+def test_winograd_float32_error_is_the_direct_sums():
+    """F(2x2, 3x3)'s transforms add and halve: its float32 error against the float64 twin stays within
+    twice that of XLA's direct convolution (both about 1e-7 of the largest output, measured)."""
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=(2, 9, 9, 64)), rng.normal(size=(3, 3, 64, 8))
+    want = reference.conv2d(x, w, padding=1)
+    err = {
+        lowering: np.abs(conv_fn(lowering, dict(padding=1))(np.float32(x), np.float32(w)) - want).max()
+        / np.abs(want).max()
+        for lowering in ("winograd", "xla")
+    }
+    assert err["winograd"] < max(2 * err["xla"], 2e-7), err
