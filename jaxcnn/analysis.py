@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxcnn import _lowering, layers, ops
-from jaxcnn.ops import _as_float, _check_fits, _check_rank, _fail
+from jaxcnn import _checks, _lowering, layers, ops
 from jaxcnn.summary import sequential_net
 
 __all__ = [
@@ -41,12 +40,6 @@ __all__ = [
 ]
 
 F32_BYTES = 4
-
-
-def _positive_int(fn: str, name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        _fail(fn, f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------
@@ -100,15 +93,14 @@ def conv_cost(
     """
     fn = "conv_cost"
     c_i, h, w, c_o, k_h, k_w = (
-        _positive_int(fn, name, v)
+        _checks.positive_int(fn, name, v)
         for name, v in zip(("c_i", "h", "w", "c_o", "k_h", "k_w"), (c_i, h, w, c_o, k_h, k_w))
     )
-    groups = _positive_int(fn, "groups", groups)
+    groups = _checks.positive_int(fn, "groups", groups)
     if c_i % groups or c_o % groups:
-        _fail(fn, f"c_i={c_i} and c_o={c_o} must both divide by groups={groups}")
-    stride = ops.as_pair(fn, "stride", stride, minimum=1)
-    pads = ops.as_padding(fn, padding, (h, w), (k_h, k_w), stride)
-    _check_fits(fn, "kernel", (h, w), pads, (k_h, k_w))  # first, so the error names conv_cost
+        _checks.fail(fn, f"c_i={c_i} and c_o={c_o} must both divide by groups={groups}")
+    # Checked here first, so that errors name conv_cost rather than conv_output_shape.
+    stride, _, pads = _checks.conv_geometry(fn, (h, w), (k_h, k_w), stride, padding, 1)
     h_o, w_o = ops.conv_output_shape((h, w), (k_h, k_w), stride=stride, padding=pads)
 
     fan_in = c_i // groups * k_h * k_w
@@ -176,9 +168,11 @@ def compose_kernels(k1, k2) -> jax.Array:
     if k1.ndim == k2.ndim == 2:
         return ops.convolve2d(k1, k2, mode="full")
     if not k1.ndim == k2.ndim == 4:
-        _fail(fn, f"k1 and k2 must both be (kh, kw) or both HWIO, got shapes {k1.shape} and {k2.shape}")
+        _checks.fail(fn, f"k1 and k2 must both be (kh, kw) or both HWIO, got shapes {k1.shape} and {k2.shape}")
     if k1.shape[3] != k2.shape[2]:
-        _fail(fn, f"k1 has {k1.shape[3]} output channels but k2 expects {k2.shape[2]} (k1 {k1.shape}, k2 {k2.shape})")
+        _checks.fail(
+            fn, f"k1 has {k1.shape[3]} output channels but k2 expects {k2.shape[2]} (k1 {k1.shape}, k2 {k2.shape})"
+        )
     kh2, kw2 = k2.shape[:2]
     # Each input channel of k1 is an image with cm channels; fully convolve it with k2.
     images = jnp.transpose(k1, (2, 0, 1, 3))
@@ -193,12 +187,9 @@ def compose_kernels(k1, k2) -> jax.Array:
 
 def _im2col(fn, x, kernel_hw, stride, padding, dilation) -> jax.Array:
     x = jnp.asarray(x)
-    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
-    kernel_hw = ops.as_pair(fn, "kernel_hw", kernel_hw, minimum=1)
-    stride = ops.as_pair(fn, "stride", stride, minimum=1)
-    dilation = ops.as_pair(fn, "dilation", dilation, minimum=1)
-    pads = ops.as_padding(fn, padding, x.shape[1:3], kernel_hw, stride, dilation)
-    _check_fits(fn, "kernel", x.shape[1:3], pads, kernel_hw, dilation)
+    _checks.rank(fn, "x", x, 4, "(N, H, W, C)")
+    kernel_hw = _checks.pair(fn, "kernel_hw", kernel_hw, minimum=1)
+    stride, dilation, pads = _checks.conv_geometry(fn, x.shape[1:3], kernel_hw, stride, padding, dilation)
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     # One strided view per kernel tap, row-major; concatenated (i, j, c)-major, as HWIO reshapes.
     views = _lowering.strided_views(xp, (1, *kernel_hw, 1), (1, *stride, 1), (1, *dilation, 1))
@@ -223,11 +214,11 @@ def conv2d_im2col(x, w, b=None, *, stride=1, padding=0, dilation=1) -> jax.Array
     """
     fn = "conv2d_im2col"
     w = jnp.asarray(w)
-    _check_rank(fn, "w", w, 4, "(kh, kw, C, O)")
+    _checks.rank(fn, "w", w, 4, "(kh, kw, C, O)")
     if np.ndim(x) != 4 or np.shape(x)[-1] != w.shape[2]:
-        _fail(fn, f"x must be (N, H, W, {w.shape[2]}) to match w {w.shape}, got shape {np.shape(x)}")
+        _checks.fail(fn, f"x must be (N, H, W, {w.shape[2]}) to match w {w.shape}, got shape {np.shape(x)}")
     if b is not None and np.shape(b) != (w.shape[3],):
-        _fail(fn, f"b must have shape ({w.shape[3]},) to match w {w.shape}, got {np.shape(b)}")
+        _checks.fail(fn, f"b must have shape ({w.shape[3]},) to match w {w.shape}, got {np.shape(b)}")
     patches = _im2col(fn, x, w.shape[:2], stride, padding, dilation)
     y = patches @ w.reshape(-1, w.shape[3])
     return y if b is None else y + b
@@ -240,13 +231,11 @@ def avg_pool_as_conv(x, window, *, stride=None, padding=0) -> jax.Array:
     with count_include_pad=True. Linear, unlike max pooling.
     """
     fn = "avg_pool_as_conv"
-    x = _as_float(x)  # as ops.conv2d takes it, so the kernel's dtype matches
-    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
-    window = ops.as_pair(fn, "window", window, minimum=1)
-    stride = window if stride is None else ops.as_pair(fn, "stride", stride, minimum=1)
-    padding = ops.as_pair(fn, "padding", padding, minimum=0)
+    x = _checks.real_array(fn, "x", x)  # as ops.conv2d takes it, so the kernel's dtype matches
+    _checks.rank(fn, "x", x, 4, "(N, H, W, C)")
+    window, stride, padding = _checks.pool_pairs(fn, window, stride, padding)
     pads = tuple((p, p) for p in padding)
-    _check_fits(fn, "kernel", x.shape[1:3], pads, window)
+    _checks.fits(fn, "kernel", x.shape[1:3], pads, window)
     c = x.shape[3]
     kernel = jnp.full((*window, 1, c), 1.0 / (window[0] * window[1]), x.dtype)
     return ops.conv2d(x, kernel, stride=stride, padding=pads, groups=c, precision=lax.Precision.HIGHEST)
@@ -262,10 +251,9 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
     whose maximum is below max(x) * 1e-38^(1/p) underflow to 0.
     """
     fn = "max_pool_as_limit"
-    if not (isinstance(p, (int, float, np.integer, np.floating)) and p > 0):
-        _fail(fn, f"p must be a positive number, got {p!r}")
-    x = jnp.asarray(x)
-    _check_rank(fn, "x", x, 4, "(N, H, W, C)")
+    p = _checks.positive_number(fn, "p", p)
+    x = _checks.real_array(fn, "x", x)
+    _checks.rank(fn, "x", x, 4, "(N, H, W, C)")
     scale = jnp.max(x)
     scale = jnp.where(scale > 0, scale, 1.0)
     mean = avg_pool_as_conv((x / scale) ** p, window, stride=stride, padding=padding)
@@ -324,8 +312,8 @@ def _geometry(fn: str, layer, hw):
     if isinstance(layer, layers.Conv2D):
         kernel, stride, dilation = layer.kernel.shape[:2], layer.stride, layer.dilation
         if hw is None and isinstance(layer.padding, str):
-            _fail(fn, f"padding {layer.padding!r} depends on the input size: pass input_hw")
-        pads = ops.as_padding(fn, layer.padding, hw, kernel, stride, dilation)
+            _checks.fail(fn, f"padding {layer.padding!r} depends on the input size: pass input_hw")
+        pads = _checks.padding_pairs(fn, layer.padding, hw, kernel, stride, dilation)
         out = hw and ops.conv_output_shape(hw, kernel, stride=stride, padding=pads, dilation=dilation)
         return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation)), stride, tuple(lo for lo, _ in pads), out
     if isinstance(layer, (layers.MaxPool2D, layers.AvgPool2D)):
@@ -335,9 +323,9 @@ def _geometry(fn: str, layer, hw):
         return layer.window, layer.stride, layer.padding, out
     if isinstance(layer, layers.GlobalAvgPool2D):
         if hw is None:
-            _fail(fn, "GlobalAvgPool2D's window is its whole input: pass input_hw")
+            _checks.fail(fn, "GlobalAvgPool2D's window is its whole input: pass input_hw")
         return hw, (1, 1), (0, 0), (1, 1)
-    _fail(fn, f"no receptive-field rule for layer {type(layer).__name__}")
+    _checks.fail(fn, f"no receptive-field rule for layer {type(layer).__name__}")
 
 
 def _step(fn: str, name: str, layer, f: Field) -> Field:
@@ -357,7 +345,7 @@ def _union(fn: str, name: str, layer: str, fields: list[Field]) -> Field:
     first = fields[0]
     for f in fields[1:]:
         if f.jump != first.jump or f.out_hw != first.out_hw:
-            _fail(fn, f"{name}: its paths end at different strides or sizes: jump {first.jump} vs {f.jump}")
+            _checks.fail(fn, f"{name}: its paths end at different strides or sizes: jump {first.jump} vs {f.jump}")
     lo = tuple(min(f.start[i] for f in fields) for i in range(2))
     hi = tuple(max(f.start[i] + f.size[i] for f in fields) for i in range(2))
     return Field(name, layer, tuple(h - low for low, h in zip(lo, hi)), first.jump, lo, first.out_hw)
@@ -427,7 +415,7 @@ def receptive_fields(model: nnx.Module, input_hw=None) -> list[Field]:
     fn = "receptive_fields"
     net = sequential_net(fn, model)
     input_hw = getattr(model, "image_size", None) if input_hw is None else input_hw
-    hw = None if input_hw is None else ops.as_pair(fn, "input_hw", input_hw, minimum=1)
+    hw = None if input_hw is None else _checks.pair(fn, "input_hw", input_hw, minimum=1)
     rows = []
     _walk(fn, net, "", Field("input", "input", (1, 1), (1, 1), (0, 0), hw), rows)
     return rows
@@ -477,7 +465,7 @@ class _Narrow(nnx.Module):
 
     def __call__(self, x):
         x = jnp.mean(x, axis=-1, keepdims=True)
-        pads = ops.as_padding(
+        pads = _checks.padding_pairs(
             "gradient_support", self.padding, x.shape[1:3], self.kernel_hw, self.stride, self.dilation
         )
         kernel = jnp.full((*self.kernel_hw, 1, 1), 1.0 / math.prod(self.kernel_hw), x.dtype)
@@ -524,8 +512,8 @@ def gradient_support(model: nnx.Module, input_hw=None) -> dict[str, np.ndarray]:
     names = [f.name for f in receptive_fields(model, input_hw)]
     input_hw = getattr(model, "image_size", None) if input_hw is None else input_hw
     if input_hw is None:
-        _fail(fn, "the model has no image_size: pass input_hw")
-    h, w = ops.as_pair(fn, "input_hw", input_hw, minimum=1)
+        _checks.fail(fn, "the model has no image_size: pass input_hw")
+    h, w = _checks.pair(fn, "input_hw", input_hw, minimum=1)
 
     seen = {}
 
@@ -617,18 +605,13 @@ def model_cost(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     """
     fn = "model_cost"
     sequential_net(fn, model)
-    if not (
-        isinstance(input_shape, (tuple, list))
-        and len(input_shape) == 4
-        and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape)
-    ):
-        _fail(fn, f"input_shape must be 4 positive ints (N, H, W, C), got {input_shape!r}")
+    input_shape = _checks.positive_ints(fn, "input_shape", input_shape, length=4, meaning=" (N, H, W, C)")
     rows = []
     for name, layer, x_shape, y_shape in _trace_layers(model, input_shape, (layers.Conv2D, nnx.Linear)):
         if isinstance(layer, layers.Conv2D):
             n, h, w, c_i = x_shape
             if layer.dilation != (1, 1):
-                _fail(fn, f"{name}: conv_cost counts undilated convolutions, got dilation {layer.dilation}")
+                _checks.fail(fn, f"{name}: conv_cost counts undilated convolutions, got dilation {layer.dilation}")
             c = conv_cost(
                 c_i, h, w, y_shape[-1], *layer.kernel.shape[:2],
                 padding=layer.padding, stride=layer.stride, groups=layer.groups, bias=layer.bias is not None,

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn import _checks
+
 BUNDLED = "mnist_10k"
 IDX_FILES = {  # split -> (images, labels), the names MNIST and Fashion-MNIST ship under
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -205,22 +207,10 @@ def _keep_tensorflow_off_gpus() -> None:
 # Batching (host side, numpy).
 
 
-def _check_int(fn: str, name: str, value, minimum: int, maximum: int | None = None) -> int:
-    if (
-        not isinstance(value, (int, np.integer))
-        or isinstance(value, bool)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{fn}: {name} must be an int {bounds}, got {value!r}")
-    return int(value)
-
-
 def _local_batch_size(fn, global_batch_size, process_index, process_count) -> int:
-    _check_int(fn, "global_batch_size", global_batch_size, 1)
-    _check_int(fn, "process_count", process_count, 1)
-    _check_int(fn, "process_index", process_index, 0, process_count - 1)
+    _checks.int_in_range(fn, "global_batch_size", global_batch_size, 1)
+    _checks.int_in_range(fn, "process_count", process_count, 1)
+    _checks.int_in_range(fn, "process_index", process_index, 0, process_count - 1)
     if global_batch_size % process_count:
         raise ValueError(
             f"{fn}: global_batch_size {global_batch_size} does not divide by process_count {process_count}"
@@ -230,7 +220,7 @@ def _local_batch_size(fn, global_batch_size, process_index, process_count) -> in
 
 def num_train_batches(split: Split, global_batch_size: int) -> int:
     """N // B (0 if B > N): training drops the last partial batch, so every step has one shape (one compile)."""
-    _check_int("num_train_batches", "global_batch_size", global_batch_size, 1)
+    _checks.int_in_range("num_train_batches", "global_batch_size", global_batch_size, 1)
     return len(split.labels) // global_batch_size
 
 
@@ -258,11 +248,11 @@ def train_batches(
 
 def _shuffled_indices(fn, split, global_batch_size, seed, epoch, start_batch) -> list[np.ndarray]:
     """The example indices of each global training batch from `start_batch` on, checked arguments."""
-    _check_int(fn, "global_batch_size", global_batch_size, 1, len(split.labels))
+    _checks.int_in_range(fn, "global_batch_size", global_batch_size, 1, len(split.labels))
     steps = len(split.labels) // global_batch_size  # num_train_batches(split, B), B being checked already
-    _check_int(fn, "seed", seed, 0)
-    _check_int(fn, "epoch", epoch, 0)
-    _check_int(fn, "start_batch", start_batch, 0, steps)
+    _checks.int_in_range(fn, "seed", seed, 0)
+    _checks.int_in_range(fn, "epoch", epoch, 0)
+    _checks.int_in_range(fn, "start_batch", start_batch, 0, steps)
     # No state carried between epochs: a resumed run regenerates the same order.
     order = np.random.default_rng([seed, epoch]).permutation(len(split.labels))
     return [order[step * global_batch_size : (step + 1) * global_batch_size] for step in range(start_batch, steps)]
@@ -305,7 +295,7 @@ def preprocess(images, image_size: int | None = None, dtype=jnp.float32) -> jax.
         raise ValueError(f"preprocess: images must be NHWC (rank 4), got shape {np.shape(images)}")
     x = jnp.asarray(images, jnp.float32) / 255  # in float32 even for bfloat16 out: one rounding
     if image_size is not None:
-        _check_int("preprocess", "image_size", image_size, 1)
+        _checks.int_in_range("preprocess", "image_size", image_size, 1)
         n, h, w, c = x.shape
         if (h, w) != (image_size, image_size):
             x = jax.image.resize(x, (n, image_size, image_size, c), "bilinear")
@@ -320,7 +310,7 @@ def prefetch(iterator, sharding: jax.sharding.Sharding, size: int = 2) -> Iterat
     copies, which then run while the current step computes; the host work
     per batch is a numpy gather, too cheap to need a thread of its own.
     """
-    _check_int("prefetch", "size", size, 1)
+    _checks.int_in_range("prefetch", "size", size, 1)
     queue = collections.deque()
 
     def enqueue(n):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from jaxcnn import ops
+from jaxcnn import _checks, ops
 
 # The notes' init_cnn: nn.init.xavier_uniform_ on every conv and dense weight.
 # With in_axis=-2, out_axis=-1 on an HWIO kernel, JAX takes the receptive
@@ -53,15 +53,14 @@ class Conv2D(nnx.Module):
     ):
         fn = "Conv2D"
         for name, value in (("in_features", in_features), ("out_features", out_features), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+            _checks.positive_int(fn, name, value)
         if in_features % groups or out_features % groups:
             raise ValueError(
                 f"{fn}: in_features={in_features} and out_features={out_features} must both divide by groups={groups}"
             )
-        kh, kw = ops.as_pair(fn, "kernel_size", kernel_size, minimum=1)
-        self.stride = ops.as_pair(fn, "stride", stride, minimum=1)
-        self.dilation = ops.as_pair(fn, "dilation", dilation, minimum=1)
+        kh, kw = _checks.pair(fn, "kernel_size", kernel_size, minimum=1)
+        self.stride = _checks.pair(fn, "stride", stride, minimum=1)
+        self.dilation = _checks.pair(fn, "dilation", dilation, minimum=1)
         self.padding = padding
         self.groups = groups
         self.dtype = dtype
@@ -76,18 +75,12 @@ class Conv2D(nnx.Module):
         )
 
 
-def _pool_pairs(fn, window, stride, padding):
-    """Checks pooling arguments when the layer is built, not at its first call."""
-    window = ops.as_pair(fn, "window", window, minimum=1)
-    stride = window if stride is None else ops.as_pair(fn, "stride", stride, minimum=1)
-    return window, stride, ops.as_pair(fn, "padding", padding, minimum=0)
-
-
 class MaxPool2D(nnx.Module):
     """torch.nn.MaxPool2d on NHWC input: stride defaults to the window."""
 
     def __init__(self, window: ops.Pair, *, stride: ops.Pair | None = None, padding: ops.Pair = 0, ceil_mode=False):
-        self.window, self.stride, self.padding = _pool_pairs("MaxPool2D", window, stride, padding)
+        # Checked when the layer is built, not at its first call.
+        self.window, self.stride, self.padding = _checks.pool_pairs("MaxPool2D", window, stride, padding)
         self.ceil_mode = ceil_mode
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -106,7 +99,7 @@ class AvgPool2D(nnx.Module):
         ceil_mode=False,
         count_include_pad=True,
     ):
-        self.window, self.stride, self.padding = _pool_pairs("AvgPool2D", window, stride, padding)
+        self.window, self.stride, self.padding = _checks.pool_pairs("AvgPool2D", window, stride, padding)
         self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
 
     def __call__(self, x: jax.Array) -> jax.Array:

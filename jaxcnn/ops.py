@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn import _lowering
+from jaxcnn import _checks, _lowering
 
 Pair = int | tuple[int, int]
 Padding = int | str | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
 
 LAYOUTS = ("NHWC", "NCHW")
+KERNEL_LAYOUTS = {"NHWC": "HWIO", "NCHW": "OIHW"}
 # Max pooling windows of up to this many taps take `_sliced_max` (each tap is one view of the
 # input, and its index an int8).
 MAX_SLICED_TAPS = 25
@@ -57,97 +57,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Argument checking: shared by the ops here and their twins in reference.py.
-
-
-def _fail(fn: str, message: str) -> None:
-    raise ValueError(f"{fn}: {message}")
-
-
-def _as_float(x) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.float32)
-
-
-def _check_rank(fn: str, name: str, a, rank: int, meaning: str) -> None:
-    if np.ndim(a) != rank:
-        _fail(fn, f"{name} must have rank {rank} {meaning}, got shape {tuple(np.shape(a))}")
-
-
-def as_pair(fn: str, name: str, value, *, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= minimum, as a pair."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else value
-    if (
-        not isinstance(pair, Sequence)
-        or len(pair) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)
-    ):
-        _fail(fn, f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        _fail(fn, f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def as_padding(
-    fn: str,
-    padding: Padding,
-    input_hw: tuple[int, int],
-    kernel_hw: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int] = (1, 1),
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Any accepted padding as explicit ((top, bottom), (left, right)).
-
-    int p and (ph, pw) pad symmetrically, as PyTorch. "VALID" pads nothing.
-    "SAME" is TensorFlow's: output size ceil(n / stride), with the odd pixel
-    of padding at the bottom/right (so it is not symmetric for stride 2 on
-    even sizes).
-    """
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return ((0, 0), (0, 0))
-        if mode != "SAME":
-            _fail(fn, f"padding must be an int, a pair, a pair of pairs, 'SAME' or 'VALID', got {padding!r}")
-        pads = []
-        for n, k, s, d in zip(input_hw, kernel_hw, stride, dilation):
-            total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-            pads.append((total // 2, total - total // 2))
-        return tuple(pads)
-    if isinstance(padding, (int, np.integer)):
-        pads = ((padding, padding), (padding, padding))
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
-        pads = ((padding[0], padding[0]), (padding[1], padding[1]))
-    elif (
-        isinstance(padding, Sequence)
-        and len(padding) == 2
-        and all(
-            isinstance(p, Sequence) and len(p) == 2 and all(isinstance(q, (int, np.integer)) for q in p)
-            for p in padding
-        )
-    ):
-        pads = tuple(tuple(p) for p in padding)
-    else:
-        _fail(fn, f"padding must be an int, a pair, a pair of pairs, 'SAME' or 'VALID', got {padding!r}")
-    if min(min(p) for p in pads) < 0:
-        _fail(fn, f"padding must be >= 0, got {padding!r}")
-    return tuple((int(a), int(b)) for a, b in pads)
-
-
-def _check_fits(fn, what, input_hw, pads, window_hw, dilation=(1, 1)) -> None:
-    for axis, n, (lo, hi), k, d in zip("HW", input_hw, pads, window_hw, dilation):
-        span = (k - 1) * d + 1
-        if span > n + lo + hi:
-            _fail(
-                fn,
-                f"{what} spans {span} along {axis} but the padded input has only "
-                f"{n + lo + hi} (input {n}, padding {(lo, hi)})",
-            )
-
-
-def _check_layout(fn: str, layout: str) -> None:
-    if layout not in LAYOUTS:
-        _fail(fn, f"layout must be one of {LAYOUTS}, got {layout!r}")
+# Output shapes, and pooling's rules (the checks themselves are `jaxcnn._checks`); the twins in
+# reference.py share them.
 
 
 def conv_output_shape(
@@ -164,12 +75,9 @@ def conv_output_shape(
     kernel extent (k - 1) * dilation + 1. Agrees with what `conv2d` returns.
     """
     fn = "conv_output_shape"
-    input_hw = as_pair(fn, "input_hw", input_hw, minimum=1)
-    kernel_hw = as_pair(fn, "kernel_hw", kernel_hw, minimum=1)
-    stride = as_pair(fn, "stride", stride, minimum=1)
-    dilation = as_pair(fn, "dilation", dilation, minimum=1)
-    pads = as_padding(fn, padding, input_hw, kernel_hw, stride, dilation)
-    _check_fits(fn, "kernel", input_hw, pads, kernel_hw, dilation)
+    input_hw = _checks.pair(fn, "input_hw", input_hw, minimum=1)
+    kernel_hw = _checks.pair(fn, "kernel_hw", kernel_hw, minimum=1)
+    stride, dilation, pads = _checks.conv_geometry(fn, input_hw, kernel_hw, stride, padding, dilation)
     return tuple(
         (n - ((k - 1) * d + 1) + lo + hi + s) // s
         for n, k, (lo, hi), s, d in zip(input_hw, kernel_hw, pads, stride, dilation)
@@ -190,7 +98,8 @@ def pool_output_shape(
     inside the input or its left/top padding, as in PyTorch.
     """
     fn = "pool_output_shape"
-    input_hw = as_pair(fn, "input_hw", input_hw, minimum=1)
+    input_hw = _checks.pair(fn, "input_hw", input_hw, minimum=1)
+    ceil_mode = _checks.boolean(fn, "ceil_mode", ceil_mode)
     window, stride, padding = _pool_geometry(fn, input_hw, window, stride, padding)
     return _pool_out(input_hw, window, stride, padding, ceil_mode)
 
@@ -207,14 +116,12 @@ def _pool_out(input_hw, window, stride, padding, ceil_mode) -> tuple[int, int]:
 
 
 def _pool_geometry(fn, input_hw, window, stride, padding):
-    window = as_pair(fn, "window", window, minimum=1)
-    stride = window if stride is None else as_pair(fn, "stride", stride, minimum=1)
-    padding = as_pair(fn, "padding", padding, minimum=0)
+    window, stride, padding = _checks.pool_pairs(fn, window, stride, padding)
     for axis, k, p in zip("HW", window, padding):
         # PyTorch's rule: a window never lies wholly in the padding.
         if p > k // 2:
-            _fail(fn, f"padding {p} along {axis} must be at most half the window ({k})")
-    _check_fits(fn, "window", input_hw, [(p, p) for p in padding], window)
+            _checks.fail(fn, f"padding {p} along {axis} must be at most half the window ({k})")
+    _checks.fits(fn, "window", input_hw, [(p, p) for p in padding], window)
     return window, stride, padding
 
 
@@ -258,36 +165,49 @@ def conv2d(
     values and gradients within float rounding; "xla" measures the gain.
     """
     fn = "conv2d"
-    _check_layout(fn, layout)
+    _checks.one_of(fn, "layout", layout, LAYOUTS)
     how = _lowering.mode(fn, lowering)
-    x, w = _as_float(x), _as_float(w)
+    _checks.precision(fn, precision)
+    x, w = _checks.real_array(fn, "x", x), _checks.real_array(fn, "w", w)
+    b = None if b is None else _checks.real_array(fn, "b", b)
     # Mixed dtypes promote, as jnp.dot and nnx.Conv do (lax alone would raise a TypeError).
     dtype = jnp.promote_types(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
-    _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
-    _check_rank(fn, "w", w, 4, "(kh, kw, C/groups, O)" if layout == "NHWC" else "(O, C/groups, kh, kw)")
-    if not isinstance(groups, (int, np.integer)) or groups < 1:
-        _fail(fn, f"groups must be a positive int, got {groups!r}")
-    if layout == "NHWC":
-        (_, h, wd, c), (kh, kw, cin, cout) = x.shape, w.shape
-    else:
-        (_, c, h, wd), (cout, cin, kh, kw) = x.shape, w.shape
+    _checks.rank(fn, "x", x, 4, f"({', '.join(layout)})")
+    _checks.rank(fn, "w", w, 4, "(kh, kw, C/groups, O)" if layout == "NHWC" else "(O, C/groups, kh, kw)")
+    groups = _checks.positive_int(fn, "groups", groups)
+    _, h, wd, c = x.shape if layout == "NHWC" else (x.shape[0], *x.shape[2:], x.shape[1])
+    kh, kw, cin, cout = _hwio(layout, w.shape)
+
+    def matches(cin, cout):  # x's channels, and b's if given
+        return cin * groups == c and (b is None or b.shape == (cout,))
+
+    other = LAYOUTS[1 - LAYOUTS.index(layout)]
+    if not matches(cin, cout) and matches(*_hwio(other, w.shape)[2:]):
+        # Read in the other layout, w fits x and b: a transposed kernel, which the mismatch alone would hide.
+        _checks.fail(
+            fn,
+            f"w {w.shape} looks like an {KERNEL_LAYOUTS[other]} kernel, but layout {layout} takes "
+            f"{KERNEL_LAYOUTS[layout]} kernels (x {x.shape} has {c} channels)",
+        )
+    if c < 1 or cout < 1:  # no convolution to compute (and the products would divide by zero)
+        _checks.fail(fn, f"input and output channels must be >= 1, got {c} and {cout} (x {x.shape}, w {w.shape})")
     if c % groups or cout % groups:
-        _fail(fn, f"input channels {c} and output channels {cout} must both divide by groups={groups}")
+        _checks.fail(fn, f"input channels {c} and output channels {cout} must both divide by groups={groups}")
     if cin * groups != c:
-        _fail(
+        x_looks_other = cin * groups == (x.shape[1] if layout == "NHWC" else x.shape[3])
+        _checks.fail(
             fn,
             f"w expects {cin} x groups={groups} = {cin * groups} input channels but x has {c} "
-            f"(x {x.shape}, w {w.shape}, layout {layout})",
+            f"(x {x.shape}, w {w.shape}, layout {layout}" + (f"; x looks {other})" if x_looks_other else ")"),
         )
-    if b is not None:
-        b = _as_float(b)
-        if b.shape != (cout,):
-            _fail(fn, f"b must have shape ({cout},) to match w {w.shape}, got {b.shape}")
-    stride = as_pair(fn, "stride", stride, minimum=1)
-    dilation = as_pair(fn, "dilation", dilation, minimum=1)
-    pads = as_padding(fn, padding, (h, wd), (kh, kw), stride, dilation)
-    _check_fits(fn, f"kernel {(kh, kw)} with dilation {dilation}", (h, wd), pads, (kh, kw), dilation)
+    if b is not None and b.shape != (cout,):
+        _checks.fail(fn, f"b must have shape ({cout},) to match w {w.shape}, got {b.shape}")
+    if kh < 1 or kw < 1:
+        _checks.fail(fn, f"w is an empty kernel: {kh}x{kw} (w {w.shape}, layout {layout})")
+    stride, dilation, pads = _checks.conv_geometry(
+        fn, (h, wd), (kh, kw), stride, padding, dilation, what=f"kernel {(kh, kw)}"
+    )
 
     def xla(x, w):
         return lax.conv_general_dilated(
@@ -331,15 +251,22 @@ def conv2d(
     return y
 
 
+def _hwio(layout: str, kernel_shape) -> tuple[int, int, int, int]:
+    """(kh, kw, C/groups, O) of a kernel in the layout's order."""
+    o, cin, kh, kw = kernel_shape  # OIHW, unless NHWC's HWIO
+    return tuple(kernel_shape) if layout == "NHWC" else (kh, kw, cin, o)
+
+
 def _spatial_axes(layout: str) -> tuple[int, int]:
     return (1, 2) if layout == "NHWC" else (2, 3)
 
 
 def _pool_setup(fn, x, window, stride, padding, ceil_mode, layout):
     """Checks a batched pooling call; returns x, window, strides and padding for reduce_window."""
-    _check_layout(fn, layout)
-    x = _as_float(x)
-    _check_rank(fn, "x", x, 4, f"({', '.join(layout)})")
+    _checks.one_of(fn, "layout", layout, LAYOUTS)
+    x = _checks.real_array(fn, "x", x)
+    _checks.rank(fn, "x", x, 4, f"({', '.join(layout)})")
+    ceil_mode = _checks.boolean(fn, "ceil_mode", ceil_mode)
     ah, aw = _spatial_axes(layout)
     input_hw = (x.shape[ah], x.shape[aw])
     window, stride, padding = _pool_geometry(fn, input_hw, window, stride, padding)
@@ -469,7 +396,9 @@ def avg_pool2d(
     (count_include_pad=True) or inside the input itself (False); the ceil_mode
     overhang past the padding is never counted.
     """
-    x, win, strides, pads, g = _pool_setup("avg_pool2d", x, window, stride, padding, ceil_mode, layout)
+    fn = "avg_pool2d"
+    count_include_pad = _checks.boolean(fn, "count_include_pad", count_include_pad)
+    x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
     total = lax.reduce_window(x, 0.0, lax.add, win, strides, pads)
     return total / _avg_divisor(g, count_include_pad, layout).astype(x.dtype)
 
@@ -489,7 +418,8 @@ def _avg_divisor(g, count_include_pad: bool, layout: str) -> np.ndarray:
 
 def min_pool2d(x, window: Pair, *, stride=None, padding: Pair = 0, ceil_mode=False, layout="NHWC"):
     """Min pooling, the notes' exercise: -max_pool2d(-x) (padding acts as +inf)."""
-    return -_max_pool("min_pool2d", -_as_float(x), window, stride, padding, ceil_mode, layout)
+    fn = "min_pool2d"
+    return -_max_pool(fn, -_checks.real_array(fn, "x", x), window, stride, padding, ceil_mode, layout)
 
 
 def soft_pool2d(
@@ -507,11 +437,11 @@ def soft_pool2d(
     T * log(mean(exp(x / T))) over the real elements of each window: it tends
     to the maximum as T -> 0 and to the average as T -> inf, and is never
     below the average nor above the maximum. Padding is not counted. Computed
-    on patches with logsumexp, so it is stable for any T.
+    on patches with logsumexp, so it is stable for any finite T > 0; the
+    limits themselves are `max_pool2d` and `avg_pool2d(count_include_pad=False)`.
     """
     fn = "soft_pool2d"
-    if not temperature > 0:
-        _fail(fn, f"temperature must be > 0, got {temperature!r}")
+    temperature = _checks.positive_number(fn, "temperature", temperature)
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
     if layout == "NCHW":
         x = jnp.moveaxis(x, 1, 3)
@@ -541,19 +471,17 @@ def _window_patches(x, window, stride, pads) -> jax.Array:
 # The chapters' single-image ops.
 
 
-def _check_kernel_fits(fn, x_hw, k_hw) -> None:
-    if k_hw[0] > x_hw[0] or k_hw[1] > x_hw[1]:
-        _fail(fn, f"kernel {tuple(k_hw)} is larger than the input {tuple(x_hw)}")
-
-
 def corr2d(x, k) -> jax.Array:
     """2-D cross-correlation: x (H, W), k (kh, kw) -> (H - kh + 1, W - kw + 1)."""
     fn = "corr2d"
-    x, k = _as_float(x), _as_float(k)
-    _check_rank(fn, "x", x, 2, "(H, W)")
-    _check_rank(fn, "k", k, 2, "(kh, kw)")
-    _check_kernel_fits(fn, x.shape, k.shape)
+    x, k = _checks.real_array(fn, "x", x), _checks.real_array(fn, "k", k)
+    _checks.rank(fn, "x", x, 2, "(H, W)")
+    _checks.rank(fn, "k", k, 2, "(kh, kw)")
+    _checks.kernel_fits(fn, x.shape, k.shape)
     return conv2d(x[None, :, :, None], k[:, :, None, None], precision=lax.Precision.HIGHEST)[0, :, :, 0]
+
+
+CONVOLVE2D_MODES = ("valid", "full", "same")
 
 
 def convolve2d(x, k, mode: str = "valid") -> jax.Array:
@@ -564,16 +492,13 @@ def convolve2d(x, k, mode: str = "valid") -> jax.Array:
     mode "same": the centre of "full" with the shape of x.
     """
     fn = "convolve2d"
-    x, k = _as_float(x), _as_float(k)
-    _check_rank(fn, "x", x, 2, "(H, W)")
-    _check_rank(fn, "k", k, 2, "(kh, kw)")
-    if mode not in ("valid", "full", "same"):
-        _fail(fn, f"mode must be 'valid', 'full' or 'same', got {mode!r}")
-    if mode == "valid":
-        _check_kernel_fits(fn, x.shape, k.shape)
-        pads = ((0, 0), (0, 0))
-    else:
-        pads = ((k.shape[0] - 1,) * 2, (k.shape[1] - 1,) * 2)
+    x, k = _checks.real_array(fn, "x", x), _checks.real_array(fn, "k", k)
+    _checks.rank(fn, "x", x, 2, "(H, W)")
+    _checks.rank(fn, "k", k, 2, "(kh, kw)")
+    _checks.one_of(fn, "mode", mode, CONVOLVE2D_MODES)
+    # "full" and "same" take a kernel of any size: it need only fit itself, i.e. not be empty.
+    _checks.kernel_fits(fn, x.shape if mode == "valid" else k.shape, k.shape)
+    pads = ((0, 0), (0, 0)) if mode == "valid" else ((k.shape[0] - 1,) * 2, (k.shape[1] - 1,) * 2)
     flipped = k[::-1, ::-1]
     y = conv2d(x[None, :, :, None], flipped[:, :, None, None], padding=pads, precision=lax.Precision.HIGHEST)
     y = y[0, :, :, 0]
@@ -586,38 +511,38 @@ def convolve2d(x, k, mode: str = "valid") -> jax.Array:
 def corr2d_multi_in(x, k) -> jax.Array:
     """Cross-correlation summed over channels: x (C, H, W), k (C, kh, kw) -> (H', W')."""
     fn = "corr2d_multi_in"
-    x, k = _as_float(x), _as_float(k)
-    _check_rank(fn, "x", x, 3, "(C, H, W)")
-    _check_rank(fn, "k", k, 3, "(C, kh, kw)")
+    x, k = _checks.real_array(fn, "x", x), _checks.real_array(fn, "k", k)
+    _checks.rank(fn, "x", x, 3, "(C, H, W)")
+    _checks.rank(fn, "k", k, 3, "(C, kh, kw)")
     if x.shape[0] != k.shape[0]:
-        _fail(fn, f"x has {x.shape[0]} channels but k has {k.shape[0]} (x {x.shape}, k {k.shape})")
-    _check_kernel_fits(fn, x.shape[1:], k.shape[1:])
+        _checks.fail(fn, f"x has {x.shape[0]} channels but k has {k.shape[0]} (x {x.shape}, k {k.shape})")
+    _checks.kernel_fits(fn, x.shape[1:], k.shape[1:])
     return conv2d(x[None], k[None], layout="NCHW", precision=lax.Precision.HIGHEST)[0, 0]
 
 
 def corr2d_multi_in_out(x, k) -> jax.Array:
     """One output channel per kernel: x (C, H, W), k (O, C, kh, kw) -> (O, H', W')."""
     fn = "corr2d_multi_in_out"
-    x, k = _as_float(x), _as_float(k)
-    _check_rank(fn, "x", x, 3, "(C, H, W)")
-    _check_rank(fn, "k", k, 4, "(O, C, kh, kw)")
+    x, k = _checks.real_array(fn, "x", x), _checks.real_array(fn, "k", k)
+    _checks.rank(fn, "x", x, 3, "(C, H, W)")
+    _checks.rank(fn, "k", k, 4, "(O, C, kh, kw)")
     if x.shape[0] != k.shape[1]:
-        _fail(fn, f"x has {x.shape[0]} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
-    _check_kernel_fits(fn, x.shape[1:], k.shape[2:])
+        _checks.fail(fn, f"x has {x.shape[0]} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
+    _checks.kernel_fits(fn, x.shape[1:], k.shape[2:])
     return conv2d(x[None], k, layout="NCHW", precision=lax.Precision.HIGHEST)[0]
 
 
 def corr2d_multi_in_out_1x1(x, k) -> jax.Array:
     """A 1x1 convolution as one matrix product: x (C, H, W), k (O, C, 1, 1) -> (O, H, W)."""
     fn = "corr2d_multi_in_out_1x1"
-    x, k = _as_float(x), _as_float(k)
-    _check_rank(fn, "x", x, 3, "(C, H, W)")
-    _check_rank(fn, "k", k, 4, "(O, C, 1, 1)")
+    x, k = _checks.real_array(fn, "x", x), _checks.real_array(fn, "k", k)
+    _checks.rank(fn, "x", x, 3, "(C, H, W)")
+    _checks.rank(fn, "k", k, 4, "(O, C, 1, 1)")
     if k.shape[2:] != (1, 1):
-        _fail(fn, f"k must be a 1x1 kernel (O, C, 1, 1), got shape {k.shape}")
+        _checks.fail(fn, f"k must be a 1x1 kernel (O, C, 1, 1), got shape {k.shape}")
     c, h, w = x.shape
     if k.shape[1] != c:
-        _fail(fn, f"x has {c} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
+        _checks.fail(fn, f"x has {c} channels but k expects {k.shape[1]} (x {x.shape}, k {k.shape})")
     y = jnp.matmul(k.reshape(k.shape[0], c), x.reshape(c, h * w), precision=lax.Precision.HIGHEST)
     return y.reshape(k.shape[0], h, w)
 
@@ -628,12 +553,11 @@ POOL2D_MODES = ("max", "avg", "min")
 def pool2d(x, pool_size: Pair, mode: str = "max") -> jax.Array:
     """The notes' pooling: x (H, W), window pool_size, stride 1, no padding."""
     fn = "pool2d"
-    x = _as_float(x)
-    _check_rank(fn, "x", x, 2, "(H, W)")
-    if mode not in POOL2D_MODES:
-        _fail(fn, f"mode must be one of {POOL2D_MODES}, got {mode!r}")
-    pool_size = as_pair(fn, "pool_size", pool_size, minimum=1)
-    _check_kernel_fits(fn, x.shape, pool_size)
+    x = _checks.real_array(fn, "x", x)
+    _checks.rank(fn, "x", x, 2, "(H, W)")
+    _checks.one_of(fn, "mode", mode, POOL2D_MODES)
+    pool_size = _checks.pair(fn, "pool_size", pool_size, minimum=1)
+    _checks.kernel_fits(fn, x.shape, pool_size)
     if mode == "max":
         return lax.reduce_window(x, -jnp.inf, lax.max, pool_size, (1, 1), "VALID")
     if mode == "min":

@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxcnn.ops import (
-    LAYOUTS,
-    POOL2D_MODES,
-    as_padding,
-    as_pair,
-    conv_output_shape,
-    pool_output_shape,
-)
+from jaxcnn import _checks
+from jaxcnn.ops import LAYOUTS, POOL2D_MODES, conv_output_shape, pool_output_shape
 
 __all__ = [
     "corr2d",
@@ -81,10 +75,9 @@ def corr2d_multi_in_out_1x1(x, k) -> np.ndarray:
 
 
 def pool2d(x, pool_size, mode: str = "max") -> np.ndarray:
-    if mode not in POOL2D_MODES:
-        raise ValueError(f"pool2d: mode must be one of {POOL2D_MODES}, got {mode!r}")
+    _checks.one_of("pool2d", "mode", mode, POOL2D_MODES)
     x = _f64(x)
-    p_h, p_w = as_pair("pool2d", "pool_size", pool_size, minimum=1)
+    p_h, p_w = _checks.pair("pool2d", "pool_size", pool_size, minimum=1)
     reduce = {"max": np.max, "avg": np.mean, "min": np.min}[mode]
     y = np.zeros((x.shape[0] - p_h + 1, x.shape[1] - p_w + 1))
     for i in range(y.shape[0]):
@@ -93,9 +86,8 @@ def pool2d(x, pool_size, mode: str = "max") -> np.ndarray:
     return y
 
 
-def _to_nhwc(x, layout):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+def _to_nhwc(fn, x, layout):
+    _checks.one_of(fn, "layout", layout, LAYOUTS)
     x = _f64(x)
     return x if layout == "NHWC" else x.transpose(0, 2, 3, 1)
 
@@ -105,15 +97,13 @@ def _from_nhwc(y, layout):
 
 
 def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, layout="NHWC", precision=None):
-    x = _to_nhwc(x, layout)
+    x = _to_nhwc("conv2d", x, layout)
     w = _f64(w)
     if layout == "NCHW":
         w = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     n, h, wd, c = x.shape
     kh, kw, cin, cout = w.shape
-    stride = as_pair("conv2d", "stride", stride, minimum=1)
-    dilation = as_pair("conv2d", "dilation", dilation, minimum=1)
-    pads = as_padding("conv2d", padding, (h, wd), (kh, kw), stride, dilation)
+    stride, dilation, pads = _checks.conv_geometry("conv2d", (h, wd), (kh, kw), stride, padding, dilation)
     ho, wo = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
     xp = np.pad(x, ((0, 0), *pads, (0, 0)))
     out_per_group = cout // groups
@@ -139,12 +129,10 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, layout="N
 
 def _pool(fn, x, window, stride, padding, ceil_mode, layout, reduce_window):
     """Loops over output positions as PyTorch's CPU kernel does; reduce_window(patch, count_padded)."""
-    x = _to_nhwc(x, layout)
+    x = _to_nhwc(fn, x, layout)
     n, h, w, c = x.shape
     out_h, out_w = pool_output_shape((h, w), window, stride=stride, padding=padding, ceil_mode=ceil_mode)
-    kh, kw = as_pair(fn, "window", window, minimum=1)
-    sh, sw = (kh, kw) if stride is None else as_pair(fn, "stride", stride, minimum=1)
-    ph, pw = as_pair(fn, "padding", padding, minimum=0)
+    (kh, kw), (sh, sw), (ph, pw) = _checks.pool_pairs(fn, window, stride, padding)
     y = np.zeros((n, out_h, out_w, c))
     for i in range(out_h):
         for j in range(out_w):

@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import checkpoint, data, models, train
+from jaxcnn import _checks, checkpoint, data, models, train
 
 DTYPES = ("float32", "bfloat16")
 # On these platforms a training set of up to DEVICE_DATA_BYTES lives on the devices, and each step's batch
@@ -221,12 +221,7 @@ def _check(config: RunConfig) -> None:
     def fail(name, want):
         raise ConfigError(name, want, getattr(config, name))
 
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_number(v):
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
+    is_int, is_number = _checks.is_int, _checks.is_finite_number
     if config.model not in models.names():
         fail("model", f"one of {models.names()}")
     if not isinstance(config.model_options, dict):

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn import _checks
+
 Row = tuple[str, tuple[int, ...], int]
 
 
@@ -41,11 +43,7 @@ def summary(model: nnx.Module, input_shape: Sequence[int], *, print_table: bool 
     Shapes come from jax.eval_shape in eval mode, so nothing is computed and
     the model (which may itself be abstract, from nnx.eval_shape) is left as is.
     """
-    if not (
-        isinstance(input_shape, Sequence)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
-    ):
-        raise ValueError(f"summary: input_shape must be a sequence of positive ints, got {input_shape!r}")
+    input_shape = _checks.positive_ints("summary", "input_shape", input_shape)
     graphdef, state = nnx.split(model)
 
     def outputs(state, x):

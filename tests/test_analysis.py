@@ -170,7 +170,7 @@ def test_conv2d_im2col_matches_conv2d(n, h, w, c, o, kh, kw, stride, dilation, p
     b = b if bias else None
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     if min(h - (kh - 1) * dilation, w - (kw - 1) * dilation) + 2 * padding < 1:
-        with pytest.raises(ValueError, match="conv2d_im2col: kernel spans"):
+        with pytest.raises(ValueError, match="conv2d_im2col: kernel (with dilation .*)?spans"):
             analysis.conv2d_im2col(x, k, b, **geometry)
         return
     # One compile per shape, not one per slice.
@@ -244,7 +244,7 @@ def test_max_pool_as_limit_converges_to_max_pool(window, stride, padding):
 
 
 def test_pooling_rewrites_reject_bad_input():
-    with pytest.raises(ValueError, match="max_pool_as_limit: p must be a positive number"):
+    with pytest.raises(ValueError, match="max_pool_as_limit: p must be a positive finite number"):
         analysis.max_pool_as_limit(jnp.ones((1, 4, 4, 1)), 2, 0)
     with pytest.raises(ValueError, match="avg_pool_as_conv: x must have rank 4"):
         analysis.avg_pool_as_conv(jnp.ones((4, 4)), 2)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from jaxcnn import ops, reference
+from jaxcnn import _checks, ops, reference
 
 # float32 ops against float64 twins. Each output sums at most ~50 products of
 # O(1) numbers, so float32 rounding stays near 1e-6; 1e-5 leaves room for that
@@ -327,13 +327,13 @@ class PropertyTest(chex.TestCase):
 
 
 def test_same_padding_is_tensorflows():
-    """The twins share ops.as_padding, so check "SAME" against lax's own:
+    """The twins share _checks.padding_pairs, so check "SAME" against lax's own:
     output ceil(n / stride), the odd pixel at the bottom/right."""
     for n in range(1, 8):
         for k in range(1, 5):
             for s in range(1, 4):
                 for d in (1, 2):
-                    pads = ops.as_padding("test", "SAME", (n, n), (k, k), (s, s), (d, d))
+                    pads = _checks.padding_pairs("test", "SAME", (n, n), (k, k), (s, s), (d, d))
                     assert list(pads) == lax.padtype_to_pads((n, n), ((k - 1) * d + 1,) * 2, (s, s), "SAME")
     x, w = normal(1, 4, 6, 2), normal(3, 2, 2, 3)  # stride 2 on even sizes: asymmetric padding
     y = ops.conv2d(x, w, stride=2, padding="SAME", precision=HIGHEST)
@@ -597,7 +597,7 @@ ERRORS = {
     "convolve2d k rank": (lambda: ops.convolve2d(img, K2), r"^convolve2d: k must have rank 2"),
     "convolve2d mode": (
         lambda: ops.convolve2d(img, K, "circular"),
-        r"^convolve2d: mode must be 'valid', 'full' or 'same'",
+        r"^convolve2d: mode must be one of \('valid', 'full', 'same'\)",
     ),
     "convolve2d too big": (lambda: ops.convolve2d(X, np.zeros((1, 4))), r"^convolve2d: kernel \(1, 4\) is larger"),
     "corr2d_multi_in x rank": (lambda: ops.corr2d_multi_in(img, K2), r"^corr2d_multi_in: x must have rank 3"),
@@ -672,17 +672,87 @@ for _name in ("max_pool2d", "avg_pool2d", "soft_pool2d"):
 ERRORS |= {
     f"soft_pool2d temperature {t}": (
         lambda t=t: ops.soft_pool2d(x4, 2, temperature=t),
-        r"^soft_pool2d: temperature must be > 0",
+        r"^soft_pool2d: temperature must be a positive finite number",
     )
     for t in (0.0, -1.0, float("nan"))
+}
+
+
+# Issue 15: inputs that got through (complex numbers, bools as ints, truthy strings as bools, zero
+# channels, infinite temperature) or failed with an error naming the wrong thing or lax's internals.
+z4 = x4.astype(np.complex64)
+ERRORS |= {
+    "conv2d complex x": (lambda: ops.conv2d(z4, w4), r"^conv2d: x must be real, got dtype complex64"),
+    "conv2d complex w": (lambda: ops.conv2d(x4, w4.astype(np.complex64)), r"^conv2d: w must be real"),
+    "max_pool2d complex": (lambda: ops.max_pool2d(z4, 2), r"^max_pool2d: x must be real"),
+    "avg_pool2d complex": (lambda: ops.avg_pool2d(z4, 2), r"^avg_pool2d: x must be real"),
+    "min_pool2d complex": (lambda: ops.min_pool2d(z4, 2), r"^min_pool2d: x must be real"),
+    "corr2d complex": (lambda: ops.corr2d(img.astype(complex), K), r"^corr2d: x must be real"),
+    "pool2d complex": (lambda: ops.pool2d(img.astype(complex), 2), r"^pool2d: x must be real"),
+    "conv2d groups bool": (lambda: ops.conv2d(x4, w4, groups=True), r"^conv2d: groups must be a positive int"),
+    "conv2d padding bool": (lambda: ops.conv2d(x4, w4, padding=True), r"^conv2d: padding must be an int, a pair"),
+    "conv2d padding pair bool": (
+        lambda: ops.conv2d(x4, w4, padding=((0, True), (0, 0))),
+        r"^conv2d: padding must be an int, a pair",
+    ),
+    "conv_output_shape padding bool": (
+        lambda: ops.conv_output_shape(4, 1, padding=(True, 0)),
+        r"^conv_output_shape: padding must be an int, a pair",
+    ),
+    "max_pool2d ceil_mode str": (
+        lambda: ops.max_pool2d(x4, 2, ceil_mode="no"),
+        r"^max_pool2d: ceil_mode must be a bool",
+    ),
+    "avg_pool2d count_include_pad str": (
+        lambda: ops.avg_pool2d(x4, 2, count_include_pad="no"),
+        r"^avg_pool2d: count_include_pad must be a bool",
+    ),
+    "pool_output_shape ceil_mode str": (
+        lambda: ops.pool_output_shape(4, 2, ceil_mode="no"),
+        r"^pool_output_shape: ceil_mode must be a bool",
+    ),
+    "conv2d empty kernel": (lambda: ops.conv2d(x4, w4[:0]), r"^conv2d: w is an empty kernel: 0x3"),
+    "convolve2d empty kernel": (lambda: ops.convolve2d(img, np.zeros((0, 0)), "full"), r"^convolve2d: kernel .* empty"),
+    "corr2d empty kernel": (lambda: ops.corr2d(img, np.zeros((0, 2))), r"^corr2d: kernel \(0, 2\) is empty"),
+    "conv2d NCHW x, HWIO w": (
+        lambda: ops.conv2d(np.zeros((1, 3, 5, 5)), np.zeros((3, 3, 3, 8)), np.zeros(8), layout="NCHW"),
+        r"^conv2d: w \(3, 3, 3, 8\) looks like an HWIO kernel, but layout NCHW takes OIHW",
+    ),
+    "conv2d NCHW x as NHWC": (
+        lambda: ops.conv2d(np.zeros((1, 2, 5, 5)), w4),
+        r"^conv2d: w expects 2 .* but x has 5 \(.*layout NHWC; x looks NCHW\)$",
+    ),
+    "conv2d precision": (lambda: ops.conv2d(x4, w4, precision="bogus"), r"^conv2d: precision must be None, .*'bogus'$"),
+    "conv2d huge stride": (lambda: ops.conv2d(x4, w4, stride=10**30), r"^conv2d: stride must be at most 2\*\*31 - 1"),
+    "max_pool2d huge stride": (
+        lambda: ops.max_pool2d(x4, 2, stride=10**30),
+        r"^max_pool2d: stride must be at most 2\*\*31 - 1",
+    ),
+    "soft_pool2d temperature str": (
+        lambda: ops.soft_pool2d(x4, 2, temperature="a"),
+        r"^soft_pool2d: temperature must be a positive finite number",
+    ),
+    "soft_pool2d temperature inf": (
+        lambda: ops.soft_pool2d(x4, 2, temperature=float("inf")),
+        r"^soft_pool2d: temperature must be a positive finite number",
+    ),
+}
+ERRORS |= {
+    f"conv2d {lowering} {c} -> {o} channels": (
+        lambda c=c, o=o, lowering=lowering: ops.conv2d(x4[..., :c], np.zeros((3, 3, c, o)), lowering=lowering),
+        rf"^conv2d: input and output channels must be >= 1, got {c} and {o}",
+    )
+    for lowering in ("xla", "matmul", "auto")
+    for c, o in ((0, 4), (2, 0))
 }
 
 
 @pytest.mark.parametrize("name", ERRORS)
 def test_bad_arguments_raise_value_error(name):
     call, message = ERRORS[name]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         call()
+    assert "\n" not in str(error.value)  # one line
 
 
 @pytest.mark.parametrize("call", [lambda: ops.min_pool2d(x4, 0), lambda: ops.min_pool2d(x4, 2, layout="CHWN")])

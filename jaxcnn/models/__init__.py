@@ -19,6 +19,7 @@ from functools import partial
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn import _checks
 from jaxcnn.models.alexnet import AlexNet
 from jaxcnn.models.densenet import DENSENET_ARCH, GROWTH_RATE, DenseBlock, DenseNet, transition_block
 from jaxcnn.models.googlenet import GoogLeNet, Inception
@@ -162,9 +163,9 @@ def create(
     if opts.get("dtype") is not None and not jnp.issubdtype(opts["dtype"], jnp.floating):
         raise ValueError(f"{fn}: dtype must be None or a floating dtype such as jnp.bfloat16, got {opts['dtype']!r}")
     image_size = entry.image_size if image_size is None else image_size
-    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{fn}: {arg} must be a positive int, got {value!r}")
+    num_classes = _checks.positive_int(fn, "num_classes", num_classes)
+    in_channels = _checks.positive_int(fn, "in_channels", in_channels)
+    image_size = _checks.positive_int(fn, "image_size", image_size)
     return entry.build(
         num_classes=num_classes,
         in_channels=in_channels,

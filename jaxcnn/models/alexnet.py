@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn import layers
+from jaxcnn import _checks, layers
 
 # 11x11/4 conv (padding 1): (s - 9) // 4 + 1, then three 3x3/2 pools need 15, 7, 3 rows: s >= 65.
 MIN_IMAGE_SIZE = 65
@@ -30,8 +30,7 @@ class AlexNet(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        if not 0 <= dropout < 1:
-            raise ValueError(f"AlexNet: dropout must be in [0, 1), got {dropout!r}")
+        _checks.fraction("AlexNet", "dropout", dropout)
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"AlexNet: image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
         side = (image_size - 9) // 4 + 1  # the 11x11/4 conv; the 5x5 and 3x3 convs keep the size

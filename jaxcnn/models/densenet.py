@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn import layers
+from jaxcnn import _checks, layers
 from jaxcnn.models.resnet import STEM_CHANNELS, b1
 
 DENSENET_ARCH = (4, 4, 4, 4)  # conv blocks per dense block
@@ -82,10 +82,8 @@ class DenseNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         fn = "DenseNet"
-        if not arch or not all(isinstance(n, int) and n > 0 for n in arch):
-            raise ValueError(f"{fn}: arch must be a non-empty sequence of positive ints, got {arch!r}")
-        if not isinstance(growth_rate, int) or growth_rate < 1:
-            raise ValueError(f"{fn}: growth_rate must be a positive int, got {growth_rate!r}")
+        _checks.positive_ints(fn, "arch", arch)
+        _checks.positive_int(fn, "growth_rate", growth_rate)
         # The stem's padded 7x7/2 conv and 3x3/2 pool round up; each transition's 2x2/2 pool rounds down.
         if -(-image_size // 4) < 2 ** (len(arch) - 1):
             minimum = 4 * (2 ** (len(arch) - 1) - 1) + 1

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn import layers, ops
+from jaxcnn import _checks, layers, ops
 
 # 11x11/4 conv (no padding): (s - 11) // 4 + 1, then three 3x3/2 pools need 15, 7, 3 rows: s >= 67.
 MIN_IMAGE_SIZE = 67
@@ -44,8 +44,7 @@ class NiN(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        if not 0 <= dropout < 1:
-            raise ValueError(f"NiN: dropout must be in [0, 1), got {dropout!r}")
+        _checks.fraction("NiN", "dropout", dropout)
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"NiN: image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
         self.in_channels = in_channels

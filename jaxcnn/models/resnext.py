@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jaxcnn import layers
+from jaxcnn import _checks, layers
 from jaxcnn.models.resnet import RESNET18_ARCH, check_shortcut
 
 # d2l's ResNeXt settings (its RegNetX-32 in 8.8): groups=16, bot_mul=1,
@@ -43,8 +43,9 @@ class ResNeXtBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         fn = "ResNeXtBlock"
+        groups = _checks.positive_int(fn, "groups", groups)
         bot_channels = round(num_channels * bot_mul)
-        if bot_channels < 1 or not isinstance(groups, int) or groups < 1 or bot_channels % groups:
+        if bot_channels < 1 or bot_channels % groups:
             raise ValueError(
                 f"{fn}: groups={groups!r} (channels per group) must divide "
                 f"bot_channels=round({num_channels} * {bot_mul}) = {bot_channels}"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn import layers
+from jaxcnn import _checks, layers
 
 # (num_convs, out_channels) per block.
 VGG11_ARCH = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
@@ -43,10 +43,8 @@ class VGG(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(width_divisor, int) or width_divisor < 1:
-            raise ValueError(f"VGG: width_divisor must be a positive int, got {width_divisor!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"VGG: dropout must be in [0, 1), got {dropout!r}")
+        _checks.positive_int("VGG", "width_divisor", width_divisor)
+        _checks.fraction("VGG", "dropout", dropout)
         side = image_size // 2 ** len(arch)
         if side < 1:
             raise ValueError(
