@@ -270,7 +270,7 @@ def max_pool_as_limit(x, window, p: float, *, stride=None, padding=0) -> jax.Arr
 # attribute that is None, is the identity.
 
 # Modules that keep every output's field (per element, or per channel at one position).
-_POINTWISE = (nnx.BatchNorm, nnx.Dropout)
+_POINTWISE = (layers.BatchNorm, nnx.BatchNorm, nnx.Dropout)
 
 
 class Field(NamedTuple):
@@ -522,7 +522,7 @@ def gradient_support(model: nnx.Module, input_hw=None) -> dict[str, np.ndarray]:
             m = _Narrow(m)
         elif isinstance(m, layers.MaxPool2D):
             m = layers.AvgPool2D(m.window, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode)
-        elif isinstance(m, nnx.BatchNorm):
+        elif isinstance(m, (layers.BatchNorm, nnx.BatchNorm)):
             return lambda x: x
         elif isinstance(m, layers.Flatten):
             return _flatten_stops

@@ -26,7 +26,9 @@ import functools
 import gzip
 import importlib.resources
 import itertools
+import json
 import os
+import re
 import struct
 import sys
 import zlib
@@ -128,11 +130,15 @@ def _read_idx(file, *, ndim: int) -> np.ndarray:
 
 
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+    if not TFDS_NAME.fullmatch(name):
+        raise _unknown(name, "a TFDS name here is lowercase name or name/config: no namespace, version or arguments")
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         raise _unknown(name, "tensorflow_datasets is not installed: pip install 'jaxcnn[tfds]'") from None
     _keep_tensorflow_off_gpus()  # in case TFDS imported it
+    data_dir = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)  # the one directory checked and read
+    _check_tfds_feature_types(Path(data_dir) / name.split("/")[0])
     try:  # also finds datasets that other code prepared, from their files
         builder = tfds.builder(name, data_dir=data_dir)
     except ValueError:  # DatasetNotFoundError or a malformed name
@@ -160,6 +166,56 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
             raise ValueError(f"load: {name!r} has {images.dtype} images of shape {images.shape[1:]}; want uint8 HWC")
         splits.append(Split(images if images.ndim == 4 else images[..., None], labels.astype(np.int32)))
     return Dataset(name, *splits, num_classes)
+
+
+# A prepared dataset's features.json (and dataset_info.json) name the Python
+# class of each feature, and TFDS imports the module of any name it does not
+# know: a data directory would run code. Before TFDS reads one, every class
+# named there must be one of TFDS's own that image classification sets use.
+TFDS_NAME = re.compile(r"[a-z0-9_]+(/[a-z0-9_-]+)?")  # what TFDS looks up as is: no camel case, ':' or '='
+TFDS_FEATURE_TYPES = frozenset(
+    f"tensorflow_datasets.core.features.{name}"
+    for name in (
+        "features_dict.FeaturesDict",
+        "image_feature.Image",
+        "class_label_feature.ClassLabel",
+        "tensor_feature.Tensor",
+        "feature.Tensor",  # Tensor's older name, in files written before it moved
+        "scalar.Scalar",
+        "text_feature.Text",
+        "sequence_feature.Sequence",  # of bounding boxes, in some (stanford_dogs)
+        "bounding_boxes.BBoxFeature",
+    )
+)
+
+
+def _check_tfds_feature_types(dataset_dir: Path) -> None:
+    """Raises ValueError naming the file if a feature type TFDS would load from dataset_dir is not allowed.
+
+    TFDS reads <dataset>/<version>/ or <dataset>/<config>/<version>/: features.json
+    names classes under "pythonClassName" (older files: "type"), dataset_info.json
+    under "pythonClassName" (its other "type"s are statistics' and schema's, not classes).
+    """
+    class_keys = {"features.json": ("pythonClassName", "type"), "dataset_info.json": ("pythonClassName",)}
+    for file_name, keys in class_keys.items():
+        for file in (*dataset_dir.glob(f"*/{file_name}"), *dataset_dir.glob(f"*/*/{file_name}")):
+            try:
+                content = json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"load: cannot read {file} as JSON ({e})") from None
+            stack = [content]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    for key in keys:
+                        if key in node and (not isinstance(node[key], str) or node[key] not in TFDS_FEATURE_TYPES):
+                            raise ValueError(
+                                f"load: {file} names feature type {node[key]!r}, not one of TFDS's image "
+                                "classification features; a data directory is read as data, never as code"
+                            )
+                    stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)
 
 
 def _unknown(name: str, why: str) -> ValueError:

@@ -128,10 +128,10 @@ def _slots(fn: str, model) -> list[_Slot]:
     flat = _flattened_inputs(fn, model)
     slots = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, (layers.Conv2D, nnx.Linear, nnx.BatchNorm)):
+        if not isinstance(node, (layers.Conv2D, nnx.Linear, layers.BatchNorm, nnx.BatchNorm)):
             continue
         prefix, name = _torch_prefix(path, top_names, len(net.layers)), _name(path)
-        if isinstance(node, nnx.BatchNorm):
+        if isinstance(node, (layers.BatchNorm, nnx.BatchNorm)):
             attrs = _BATCH_NORM.items()
         else:
             attrs = [("kernel", "weight")] + ([("bias", "bias")] if node.bias is not None else [])

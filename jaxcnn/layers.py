@@ -1,11 +1,14 @@
 """Flax NNX layers whose convolution and pooling are `jaxcnn.ops`.
 
-Layout is NHWC throughout, kernels HWIO. Dense, batch-norm and dropout
-layers are Flax's own; `linear` and `batch_norm` only fix the chapters'
-defaults (the notes' `init_cnn` and PyTorch's BatchNorm2d).
+Layout is NHWC throughout, kernels HWIO. Dense and dropout layers are
+Flax's own, `linear` fixing the notes' `init_cnn`; `BatchNorm` is torch's
+(unbiased running variance, a two-pass batch variance), where nnx.BatchNorm
+is not.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -142,14 +145,80 @@ def linear(in_features: int, out_features: int, *, dtype=None, rngs: nnx.Rngs) -
     )  # fmt: skip
 
 
-def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """nnx.BatchNorm as torch's BatchNorm: running = 0.9 * running + 0.1 * batch.
+class BatchNorm(nnx.Module):
+    """torch.nn.BatchNorm2d on NHWC input, BatchNorm1d on (N, F): over the last (channel) axis.
 
-    Over the last (channel) axis, so it is BatchNorm2d on NHWC and BatchNorm1d
-    on (N, F). One difference from torch: Flax updates the running variance
-    with the biased batch variance, torch with the unbiased one.
+    Train mode (`use_running_average=False`, what `.train()` sets) normalises
+    with the batch's mean and biased variance and updates the running ones as
+    torch does, with the unbiased variance (times n / (n - 1), n the values per
+    channel: N * H * W): running = momentum * running + (1 - momentum) * batch,
+    so momentum=0.9 here is torch's momentum=0.1. As in torch, train mode
+    needs n > 1: one value per channel has no spread, so ValueError. Eval mode
+    (`.eval()`) normalises with the running statistics.
+
+    The statistics are float32 whatever the compute dtype (bfloat16 keeps 8
+    bits: too few for a variance), over the whole (global, when sharded)
+    batch, and two-pass: Flax's E[x^2] - E[x]^2 loses the variance of inputs
+    far from 0 (std 1 at mean 1000: outputs off by 1). Variables are named as
+    nnx.BatchNorm's: scale, bias (Param), mean, var (BatchStat).
     """
-    return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def set_view(self, use_running_average: bool | None = None):
+        """What nnx.view(model, use_running_average=...) calls, as for nnx.BatchNorm."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        out_dtype = jnp.result_type(x, self.scale[...], self.bias[...]) if self.dtype is None else self.dtype
+        x32 = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+        axes = tuple(range(x.ndim - 1))
+        if use_running_average:
+            centred, var = x32 - self.mean[...], self.var[...]
+        else:
+            n = math.prod(x.shape[:-1])
+            if n < 2:
+                raise ValueError(f"BatchNorm: train mode needs more than 1 value per channel, got shape {x.shape}")
+            # The corrected two-pass algorithm (Chan, Golub and LeVeque): the
+            # first mean, rounded in float32 (an ulp at 1000 is 6e-5), is only a
+            # shift; the mean of the shifted values corrects it and their
+            # variance is exact up to that correction squared. The output does
+            # not depend on the shift, so no gradient goes through it.
+            shift = jax.lax.stop_gradient(x32.mean(axes))
+            shifted = x32 - shift
+            correction = shifted.mean(axes)
+            var = jnp.maximum((shifted * shifted).mean(axes) - correction * correction, 0.0)
+            centred = shifted - correction
+            keep = self.momentum  # running statistics are state, not differentiated
+            self.mean[...] = jax.lax.stop_gradient(keep * self.mean[...] + (1 - keep) * (shift + correction))
+            self.var[...] = jax.lax.stop_gradient(keep * self.var[...] + (1 - keep) * var * (n / (n - 1)))
+        y = centred * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
+        return y.astype(out_dtype)
+
+
+def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> BatchNorm:
+    """BatchNorm with torch's defaults: momentum 0.1 (0.9 here), epsilon 1e-5, float32 parameters."""
+    return BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def check_input(fn: str, x, in_channels: int, image_size: int | None = None) -> None:

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import json
 import re
 import struct
 import subprocess
@@ -369,6 +370,44 @@ def test_tfds_reads_prepared_array_record_files(tiny_tfds_dir):
         first_pixel = split.images[:, 0, 0, 0]
         np.testing.assert_array_equal(np.sort(first_pixel), list(indices))  # TFDS shuffles on write
         np.testing.assert_array_equal(split.labels, first_pixel % 3)
+
+
+EVIL_FEATURE = "jaxcnn_evil_feature.Evil"  # a module that, imported, writes a marker file
+EVIL_FILES = {
+    "features.json": {"pythonClassName": EVIL_FEATURE},
+    "nested features.json": {
+        "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+        "featuresDict": {"features": {"label": {"pythonClassName": EVIL_FEATURE, "classLabel": {"numClasses": "3"}}}},
+    },
+    "legacy features.json": {"type": EVIL_FEATURE, "content": {}},
+    "dataset_info.json": {"name": "evil_set", "version": "1.0.0", "features": {"pythonClassName": EVIL_FEATURE}},
+}
+
+
+@pytest.mark.parametrize("case", EVIL_FILES)
+def test_tfds_data_dir_naming_a_module_is_refused_unimported(tmp_path, monkeypatch, case):
+    """TFDS imports the module of any feature class a prepared dataset's JSON names: load refuses first."""
+    pytest.importorskip("tensorflow_datasets")
+    code, marker = tmp_path / "code", tmp_path / "imported"
+    code.mkdir()
+    (code / "jaxcnn_evil_feature.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(code))
+    version_dir = tmp_path / "data" / "evil_set" / "1.0.0"
+    version_dir.mkdir(parents=True)
+    file = version_dir / case.split()[-1]
+    file.write_text(json.dumps(EVIL_FILES[case]))
+    if file.name != "dataset_info.json":
+        (version_dir / "dataset_info.json").write_text(json.dumps({"name": "evil_set", "version": "1.0.0"}))
+    with pytest.raises(ValueError, match=rf"^load: {re.escape(str(file))} names feature type '{EVIL_FEATURE}'"):
+        data.load("evil_set", data_dir=str(tmp_path / "data"))
+    assert not marker.exists() and "jaxcnn_evil_feature" not in sys.modules
+
+
+@pytest.mark.parametrize("name", ["evil_set:1.0.0", "EvilSet", "huggingface:mnist", "mnist/a=1", "../evil_set"])
+def test_tfds_names_are_plain(name):
+    """A version, namespace or arguments in the name, or camel case, would have TFDS read other files."""
+    with pytest.raises(ValueError, match=r"unknown dataset .*no namespace, version or arguments"):
+        data.load(name, data_dir="unused")
 
 
 def test_tfds_tfrecord_without_tensorflow_says_what_to_do(tiny_tfds_dir):

@@ -128,12 +128,73 @@ def test_batch_norm_uses_torch_momentum():
     bn = layers.batch_norm(4, rngs=nnx.Rngs(0))
     y = bn(X)  # train mode: normalise with batch statistics, update running ones
     np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)
-    # running = 0.9 * running + 0.1 * batch, from mean 0 and var 1.
+    # running = 0.9 * running + 0.1 * batch, from mean 0 and var 1; torch's unbiased variance (ddof=1).
     np.testing.assert_allclose(bn.mean[...], 0.1 * X.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * X.var(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * np.var(X, axis=(0, 1, 2), ddof=1), rtol=1e-5)
     bn.eval()
     expected = (X - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5)
     np.testing.assert_allclose(bn(X), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 6)])  # NHWC for BatchNorm2d; (N, F) for BatchNorm1d
+def test_batch_norm_matches_torch(shape):
+    """Outputs, input and parameter gradients, and running statistics as torch's over three train-mode
+    calls, then eval-mode outputs. (2, 6): n = 2, where the unbiased variance is twice the biased one."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    to_torch = (lambda a: a.transpose(0, 3, 1, 2)) if len(shape) == 4 else (lambda a: a)
+    from_torch = (lambda a: a.transpose(0, 2, 3, 1)) if len(shape) == 4 else (lambda a: a)
+    twin = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(6).double()
+    bn = layers.batch_norm(6, rngs=nnx.Rngs(0))
+    scale, bias = rng.normal(1, 0.5, 6).astype(np.float32), rng.normal(0, 0.5, 6).astype(np.float32)
+    bn.scale[...], bn.bias[...] = scale, bias
+    with torch.no_grad():
+        twin.weight.copy_(torch.from_numpy(scale)), twin.bias.copy_(torch.from_numpy(bias))
+    cotangent = rng.normal(size=shape).astype(np.float32)
+
+    def loss(bn, x):
+        return jnp.sum(bn(x) * cotangent)
+
+    for call in range(3):
+        x = (rng.normal(size=shape) * (call + 1) + call).astype(np.float32)
+        x_torch = torch.from_numpy(to_torch(x).astype(np.float64)).requires_grad_()
+        y_torch = twin(x_torch)
+        (y_torch * torch.from_numpy(to_torch(cotangent).astype(np.float64))).sum().backward()
+        if call == 0:
+            grads, dx = nnx.grad(loss, argnums=(0, 1))(bn, jnp.asarray(x))
+            np.testing.assert_allclose(dx, from_torch(x_torch.grad.numpy()), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(grads.scale[...], twin.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(grads.bias[...], twin.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+        else:
+            y = bn(jnp.asarray(x))
+            np.testing.assert_allclose(y, from_torch(y_torch.detach().numpy()), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bn.mean[...], twin.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.var[...], twin.running_var.numpy(), rtol=1e-5)
+    bn.eval(), twin.eval()
+    x = rng.normal(size=shape).astype(np.float32)
+    expected = from_torch(twin(torch.from_numpy(to_torch(x).astype(np.float64))).detach().numpy())
+    np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_is_exact_far_from_zero():
+    """Std 1 at mean 1000: E[x^2] - E[x]^2 in float32 leaves outputs off by about 1, a mean rounded to
+    float32 (an ulp at 1000 is 6e-5) by about 5e-5; the corrected two-pass gets the float64 result."""
+    x = (1000 + np.random.default_rng(0).standard_normal((32, 8, 8, 4))).astype(np.float32)
+    bn = layers.batch_norm(4, rngs=nnx.Rngs(0))
+    y = nnx.jit(lambda bn, x: bn(x))(bn, jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(axis=(0, 1, 2))) / np.sqrt(x64.var(axis=(0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * x64.var(axis=(0, 1, 2), ddof=1), rtol=1e-6)
+
+
+def test_batch_norm_train_mode_needs_more_than_one_value_per_channel():
+    bn = layers.batch_norm(6, rngs=nnx.Rngs(0))
+    one = jnp.ones((1, 6))
+    with pytest.raises(ValueError, match=r"more than 1 value per channel, got shape \(1, 6\)"):
+        bn(one)  # as torch: a single value has no spread to normalise by
+    np.testing.assert_allclose(nnx.view(bn, use_running_average=True)(one), 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
+    assert bn.use_running_average is False  # nnx.view left bn as it was
 
 
 def test_check_input():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcnn import models
+from jaxcnn import layers, models
 from jaxcnn.models import VGG, Residual, ResNet, ResNeXtBlock, vgg_block
 from jaxcnn.summary import summary
 
@@ -163,7 +163,7 @@ def test_state_is_params_and_batch_stats_and_starts_in_train_mode(name):
     model = abstract(name)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # raises on any other state
     assert count(params) > 0
-    has_bn = any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model))
+    has_bn = any(isinstance(m, layers.BatchNorm) for _, m in nnx.iter_graph(model))
     assert (count(batch_stats) > 0) == has_bn == (name not in ("lenet", "vgg11", "alexnet", "nin", "googlenet"))
     for _, m in nnx.iter_graph(model):
         assert getattr(m, "deterministic", False) is False
