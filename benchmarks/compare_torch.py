@@ -1,6 +1,6 @@
 """jaxcnn against PyTorch eager on CPU: train steps and every ResNet-18 conv. Prints one JSON object.
 
-    python benchmarks/compare_torch.py [--lowering auto|xla|matmul] [--models lenet,resnet18_32,resnet18_96]
+    python benchmarks/compare_torch.py [--lowering auto|xla|matmul|winograd] [--models lenet,resnet18_32,resnet18_96]
 
 Needs the `bench` extra (pip install torch==2.13.0: the CPU wheel). Both run on
 the same --threads cores (the process is pinned to them; torch.set_num_threads)
@@ -63,7 +63,10 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
     parser.add_argument(
-        "--lowering", choices=["auto", "xla", "matmul"], default=None, help="default: $JAXCNN_CONV_LOWERING or auto"
+        "--lowering",
+        choices=["auto", "xla", "matmul", "winograd"],
+        default=None,
+        help="default: $JAXCNN_CONV_LOWERING or auto",
     )
     # Internal: the run a parent hands one model or one conv size, with its measured peak.
     parser.add_argument("--child-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
@@ -301,10 +304,12 @@ def bench_convs(args, peak: float) -> list:
     for size in args.conv_sizes:
         for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
             ho = (h + 2 * padding - k) // stride + 1
+            # What conv2d runs: "winograd" takes "auto"'s choice where it does not apply.
+            auto = lowering == "auto" or (lowering == "winograd" and (k, stride) != (3, 1))
             row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
                    "stride": stride, "padding": padding, "output_hw": ho,
-                   "lowering": lowering if lowering != "auto" else
-                   _lowering.auto_choice(args.batch_size, c, (k, k), (stride, stride), (ho, ho))}  # fmt: skip
+                   "lowering": _lowering.auto_choice(args.batch_size, c, (k, k), (stride, stride), (ho, ho))
+                   if auto else lowering}  # fmt: skip
             row |= bench_conv(args.batch_size, h, c, o, k, stride, padding, name != "stem", args.repeats)
             for key in [k for k in row if k.endswith("_gflops")]:
                 row[key.replace("_gflops", "_peak_fraction")] = round(row[key] / peak, 3)
