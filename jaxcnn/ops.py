@@ -364,11 +364,12 @@ def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
         x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
         return _lowering.tiled_max(x, (kh, kw), (ah, aw))
     windowed = functools.partial(_lowering.windowed_max, window=win, strides=strides, pads=pads)
-    if math.prod(g["window"]) > _lowering.MAX_SLICED_TAPS:
+    if math.prod(g["window"]) > _lowering.MAX_SLICED_TAPS or any(g["padding"]):
+        # Large windows; and padded ones, whose -inf windows must skip the padding: a static
+        # per-window fix that costs windowed_max's 1-D selections less than sliced_max's 2-D one.
         return windowed(x)
-    # Overlapping windows (ResNet's 3x3/2, padded): on CPU a gradient through one strided view per
-    # tap, 4-6x faster to train through than select-and-scatter; elsewhere reduce_window's value
-    # with the row-then-column selection (reduce_window's own gradient ignores PyTorch's NaN rule).
+    # Overlapping windows (3x3/1, or the ceil_mode overhang): on CPU a gradient through one strided
+    # view per tap, faster to train through than windowed_max's two passes or select-and-scatter.
     sliced = functools.partial(_lowering.sliced_max, window=win, strides=strides, pads=pads)
     return lax.platform_dependent(x, cpu=sliced, default=windowed)
 
