@@ -8,9 +8,10 @@ stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 Everything lowers to `jax.lax.conv_general_dilated` and
 `jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
 CPU is slow: there `conv2d` is patches and one matrix product
-(`jaxcnn._lowering`; its `lowering=` switch picks), and max pooling is
-differentiated through a reshape or strided views of its input rather than
-reduce_window's select-and-scatter. Every public function
+(`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
+differentiated on every platform through a reshape or strided views of its
+input (`jaxcnn._lowering`), never reduce_window's select-and-scatter, so that
+its gradient is PyTorch's to the element, NaN and -inf included. Every public function
 checks its arguments and raises `ValueError` naming the function, the argument
 and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
 `jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
@@ -351,7 +352,14 @@ def max_pool2d(
     ceil_mode: bool = False,
     layout: str = "NHWC",
 ) -> jax.Array:
-    """Max pooling as torch.nn.functional.max_pool2d: padding is -inf, never 0."""
+    """Max pooling as torch.nn.functional.max_pool2d: padding is -inf, never 0.
+
+    A window holding NaN pools to NaN. The gradient is PyTorch's: each window's goes to the
+    element its kernel selects scanning the window's in-bounds elements in row-major order and
+    moving to one greater than the maximum so far (strictly) or NaN. So ties go to the first
+    maximum, NaNs to the last NaN, and a window of -inf to its first in-bounds element, never
+    to the padding or the ceil_mode overhang.
+    """
     return _max_pool("max_pool2d", x, window, stride, padding, ceil_mode, layout)
 
 
