@@ -97,16 +97,23 @@ def cases(rng):
             )
 
     # Training through max pooling: the gradient, as ResNet's stem pool at 32 px and batch 64
-    # sees it (Flax's is reduce_window's select-and-scatter).
-    x = normal(64, 16, 16, 64)
-    geometry = dict(window=3, stride=2, padding=1)
-    flax_args = dict(window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    yield dict(
-        name="max_pool2d gradient N=64 16x16x64 k3 s2 p1",
-        jaxcnn=(jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool2d(x, **geometry) ** 2))), (x,)),
-        reference=None,  # the twins have no gradients; the tests compare with reduce_window's
-        flax=(jax.jit(jax.grad(lambda x: jnp.sum(nnx.max_pool(x, **flax_args) ** 2))), (x,)),
-    )
+    # sees it, VGG's 2x2/2 (the reshape path) and an unpadded 3x3/1 (the strided views); Flax's
+    # is reduce_window's select-and-scatter.
+    for shape, window, stride, padding in (
+        ((64, 16, 16, 64), 3, 2, 1),
+        ((64, 32, 32, 32), 2, 2, 0),
+        ((16, 28, 28, 32), 3, 1, 0),
+    ):
+        x = normal(*shape)
+        geometry = dict(window=window, stride=stride, padding=padding)
+        flax_args = dict(window_shape=(window,) * 2, strides=(stride,) * 2, padding=((padding, padding),) * 2)
+        n, h, w, c = shape
+        yield dict(
+            name=f"max_pool2d gradient N={n} {h}x{w}x{c} k{window} s{stride} p{padding}",
+            jaxcnn=(jax.jit(jax.grad(lambda x, g=geometry: jnp.sum(ops.max_pool2d(x, **g) ** 2))), (x,)),
+            reference=None,  # reference.max_pool2d_grad loops over every element: too slow to time here
+            flax=(jax.jit(jax.grad(lambda x, f=flax_args: jnp.sum(nnx.max_pool(x, **f) ** 2))), (x,)),
+        )
 
 
 def main():

@@ -8,9 +8,10 @@ stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 Everything lowers to `jax.lax.conv_general_dilated` and
 `jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
 CPU is slow: there `conv2d` is patches and one matrix product
-(`jaxcnn._lowering`; its `lowering=` switch picks), and max pooling is
-differentiated through a reshape or strided views of its input rather than
-reduce_window's select-and-scatter. Every public function
+(`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
+differentiated on every platform through a reshape or strided views of its
+input (`jaxcnn._lowering`), never reduce_window's select-and-scatter, so that
+its gradient is PyTorch's to the element, NaN and -inf included. Every public function
 checks its arguments and raises `ValueError` naming the function, the argument
 and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
 `jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
@@ -33,9 +34,6 @@ Padding = int | str | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
 
 LAYOUTS = ("NHWC", "NCHW")
 KERNEL_LAYOUTS = {"NHWC": "HWIO", "NCHW": "OIHW"}
-# Max pooling windows of up to this many taps take `_sliced_max` (each tap is one view of the
-# input, and its index an int8).
-MAX_SLICED_TAPS = 25
 # (input, kernel, output) dimension numbers for lax.conv_general_dilated.
 _CONV_DIMS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "NCHW": ("NCHW", "OIHW", "NCHW")}
 
@@ -290,94 +288,34 @@ def max_pool2d(
     ceil_mode: bool = False,
     layout: str = "NHWC",
 ) -> jax.Array:
-    """Max pooling as torch.nn.functional.max_pool2d: padding is -inf, never 0."""
+    """Max pooling as torch.nn.functional.max_pool2d: padding is -inf, never 0.
+
+    A window holding NaN pools to NaN. The gradient is PyTorch's: each window's goes to the
+    element its kernel selects scanning the window's in-bounds elements in row-major order and
+    moving to one greater than the maximum so far (strictly) or NaN. So ties go to the first
+    maximum, NaNs to the last NaN, and a window of -inf to its first in-bounds element, never
+    to the padding or the ceil_mode overhang.
+    """
     return _max_pool("max_pool2d", x, window, stride, padding, ceil_mode, layout)
 
 
 def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
     if g["stride"] == g["window"] and not any(lo or hi for lo, hi in pads):
-        # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max, several times
-        # faster to train through on CPU than reduce_window's select-and-scatter gradient.
+        # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max on every platform.
         ah, aw = _spatial_axes(layout)
         (ho, wo), (kh, kw) = g["out_hw"], g["window"]
         x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
-        return _tiled_max(x, (kh, kw), (ah, aw))
-
-    def reduce(x):
-        return lax.reduce_window(x, -jnp.inf, lax.max, win, strides, pads)
-
-    if math.prod(g["window"]) > MAX_SLICED_TAPS:
-        return reduce(x)
-    # Overlapping windows (ResNet's 3x3/2, padded): on CPU a gradient through strided views,
-    # 4-6x faster to train through than select-and-scatter; GPUs and TPUs keep reduce_window.
-    sliced = functools.partial(_sliced_max, window=win, strides=strides, pads=pads)
-    return lax.platform_dependent(x, cpu=sliced, default=reduce)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _sliced_max(x, window, strides, pads):
-    """Max pooling (4-D window, strides, pads as reduce_window takes them) differentiated
-    through one strided view of the padded input per window tap.
-
-    The value is reduce_window's, which XLA's CPU runs faster than a max of views when
-    no derivative is wanted. The JVP records which tap held each window's first maximum
-    (its first NaN if it has one, as PyTorch and `_tiled_max`'s argmax choose) and picks
-    the tangent's view there; its transpose, the gradient, adds each tap's share back as
-    a padded, interior-dilated copy, one fused loop where reduce_window's
-    select-and-scatter gradient runs element by element.
-    """
-    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
-
-
-def _tap_views(x, fill, window, strides, pads):
-    """The input padded with `fill`: its strided view for each window tap, in row-major window order."""
-    xp = lax.pad(x, jnp.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    return _lowering.strided_views(xp, window, strides)
-
-
-@_sliced_max.defjvp
-def _sliced_max_jvp(window, strides, pads, primals, tangents):
-    (x,), (dx,) = primals, tangents
-    y = first_max = None
-    for index, view in enumerate(_tap_views(x, -jnp.inf, window, strides, pads)):
-        if y is None:
-            y, first_max = view, jnp.zeros(view.shape, jnp.int8)
-        else:
-            # Strictly greater: ties keep the earlier tap, as reduce_window's gradient and PyTorch's do.
-            # y is NaN once a NaN was seen (maximum propagates it), and then nothing later wins.
-            later = (view > y) | (jnp.isnan(view) & ~jnp.isnan(y))
-            first_max = jnp.where(later, jnp.asarray(index, jnp.int8), first_max)
-            y = jnp.maximum(y, view)
-    views = _tap_views(dx, 0, window, strides, pads)
-    dy = sum(jnp.where(first_max == index, view, 0) for index, view in enumerate(views))
-    return y, dy
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _tiled_max(x, window, axes):
-    return _windows_last(x, window, axes).max(-1)
-
-
-def _windows_last(x, window, axes):
-    """(..., H, ..., W, ...) -> (..., H/kh, ..., W/kw, ..., kh * kw): each tile's elements on the last axis."""
-    (ah, aw), (kh, kw) = axes, window
-    shape = list(x.shape)
-    shape[aw : aw + 1] = [shape[aw] // kw, kw]
-    shape[ah : ah + 1] = [shape[ah] // kh, kh]
-    tiles = jnp.moveaxis(x.reshape(shape), (ah + 1, aw + 2), (-2, -1))
-    return tiles.reshape(*tiles.shape[:-2], kh * kw)
-
-
-@_tiled_max.defjvp
-def _tiled_max_jvp(window, axes, primals, tangents):
-    (x,), (dx,) = primals, tangents
-    tiles = _windows_last(x, window, axes)
-    # The derivative follows each window's first maximum, as PyTorch's and reduce_window's do.
-    at_first_max = jnp.arange(tiles.shape[-1]) == jnp.argmax(tiles, -1)[..., None]
-    # A masked sum, not a gather: its transpose (the gradient) is a select, not a scatter.
-    dy = jnp.where(at_first_max, _windows_last(dx, window, axes), 0).sum(-1)
-    return tiles.max(-1), dy
+        return _lowering.tiled_max(x, (kh, kw), (ah, aw))
+    windowed = functools.partial(_lowering.windowed_max, window=win, strides=strides, pads=pads)
+    if math.prod(g["window"]) > _lowering.MAX_SLICED_TAPS or any(g["padding"]):
+        # Large windows; and padded ones, whose -inf windows must skip the padding: a static
+        # per-window fix that costs windowed_max's 1-D selections less than sliced_max's 2-D one.
+        return windowed(x)
+    # Overlapping windows (3x3/1, or the ceil_mode overhang): on CPU a gradient through one strided
+    # view per tap, faster to train through than windowed_max's two passes or select-and-scatter.
+    sliced = functools.partial(_lowering.sliced_max, window=win, strides=strides, pads=pads)
+    return lax.platform_dependent(x, cpu=sliced, default=windowed)
 
 
 def avg_pool2d(

@@ -1,7 +1,8 @@
 """Naive twins of `jaxcnn.ops`: plain NumPy loops over output positions.
 
 Slow and obviously correct, like the notes' corr2d; the oracle for the tests.
-Same names and signatures as `jaxcnn.ops`; they expect valid arguments (the
+Same names and signatures as `jaxcnn.ops`, plus `max_pool2d_grad`, the
+gradient PyTorch routes through max pooling; they expect valid arguments (the
 ops are what check them). Every result is a float64 NumPy array, so the twins
 never share the ops' float32 rounding.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "conv_output_shape",
     "pool_output_shape",
     "max_pool2d",
+    "max_pool2d_grad",
     "avg_pool2d",
     "min_pool2d",
     "soft_pool2d",
@@ -127,27 +129,54 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, layout="N
     return _from_nhwc(y, layout)
 
 
+def _windows(fn, hw, window, stride, padding, ceil_mode):
+    """Each output position (i, j) with the rows and columns its window covers: clipped to the
+    padded input (what count_include_pad counts) and to the input itself (what is read)."""
+    h, w = hw
+    out_h, out_w = pool_output_shape(hw, window, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    (kh, kw), (sh, sw), (ph, pw) = _checks.pool_pairs(fn, window, stride, padding)
+    for i in range(out_h):
+        for j in range(out_w):
+            h0, w0 = i * sh - ph, j * sw - pw
+            h1, w1 = min(h0 + kh, h + ph), min(w0 + kw, w + pw)
+            yield i, j, (h0, h1, w0, w1), (range(max(h0, 0), min(h1, h)), range(max(w0, 0), min(w1, w)))
+
+
 def _pool(fn, x, window, stride, padding, ceil_mode, layout, reduce_window):
     """Loops over output positions as PyTorch's CPU kernel does; reduce_window(patch, count_padded)."""
     x = _to_nhwc(fn, x, layout)
     n, h, w, c = x.shape
     out_h, out_w = pool_output_shape((h, w), window, stride=stride, padding=padding, ceil_mode=ceil_mode)
-    (kh, kw), (sh, sw), (ph, pw) = _checks.pool_pairs(fn, window, stride, padding)
     y = np.zeros((n, out_h, out_w, c))
-    for i in range(out_h):
-        for j in range(out_w):
-            h0, w0 = i * sh - ph, j * sw - pw
-            # Window clipped to the padded input (what count_include_pad counts) ...
-            h1, w1 = min(h0 + kh, h + ph), min(w0 + kw, w + pw)
-            count_padded = (h1 - h0) * (w1 - w0)
-            # ... and to the input itself (what is read).
-            patch = x[:, max(h0, 0) : min(h1, h), max(w0, 0) : min(w1, w), :]
-            y[:, i, j, :] = reduce_window(patch, count_padded)
+    for i, j, (h0, h1, w0, w1), (rows, cols) in _windows(fn, (h, w), window, stride, padding, ceil_mode):
+        patch = x[:, rows.start : rows.stop, cols.start : cols.stop, :]
+        y[:, i, j, :] = reduce_window(patch, (h1 - h0) * (w1 - w0))
     return _from_nhwc(y, layout)
 
 
 def max_pool2d(x, window, *, stride=None, padding=0, ceil_mode=False, layout="NHWC"):
     return _pool("max_pool2d", x, window, stride, padding, ceil_mode, layout, lambda patch, _: patch.max(axis=(1, 2)))
+
+
+def max_pool2d_grad(x, cotangent, window, *, stride=None, padding=0, ceil_mode=False, layout="NHWC"):
+    """max_pool2d's gradient (its vector-Jacobian product with `cotangent`), element by element
+    as PyTorch's kernel routes it: each window's in-bounds elements are scanned in row-major order,
+    moving to one that is greater than the maximum so far or is NaN. So ties go to the first
+    maximum, a window holding NaNs to its last NaN, and a window of -inf to its first in-bounds
+    element, never the padding or the ceil_mode overhang."""
+    x, cotangent = _to_nhwc(x, layout), _to_nhwc(cotangent, layout)
+    n, h, w, c = x.shape
+    dx = np.zeros_like(x)
+    for i, j, _, (rows, cols) in _windows("max_pool2d", (h, w), window, stride, padding, ceil_mode):
+        for b in range(n):
+            for ch in range(c):
+                best, at = -np.inf, (rows[0], cols[0])
+                for r in rows:
+                    for q in cols:
+                        if x[b, r, q, ch] > best or np.isnan(x[b, r, q, ch]):
+                            best, at = x[b, r, q, ch], (r, q)
+                dx[b, *at, ch] += cotangent[b, i, j, ch]
+    return _from_nhwc(dx, layout)
 
 
 def min_pool2d(x, window, *, stride=None, padding=0, ceil_mode=False, layout="NHWC"):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from jaxcnn import _checks, ops, reference
+from jaxcnn import _checks, _lowering, ops, reference
 
 # float32 ops against float64 twins. Each output sums at most ~50 products of
 # O(1) numbers, so float32 rounding stays near 1e-6; 1e-5 leaves room for that
@@ -778,7 +778,7 @@ MAX_POOL_PATHS = [
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("window, stride, padding, ceil_mode", MAX_POOL_PATHS)
 def test_max_pool_derivatives_are_reduce_windows(layout, window, stride, padding, ceil_mode):
-    """max_pool2d's own derivatives (reshape and strided-view paths): reduce_window's, ties included."""
+    """max_pool2d's own derivatives (every path): reduce_window's where no window holds NaN, ties included."""
     x = np.random.default_rng(0).normal(size=(2, 7, 8, 3)).astype(np.float32)
     x[:, :4, :4, :] = 0.0  # all-zero windows, as after a ReLU: the first element takes the gradient
     if layout == "NCHW":
@@ -796,16 +796,123 @@ def test_max_pool_derivatives_are_reduce_windows(layout, window, stride, padding
         y, pullback = jax.vjp(f, jnp.asarray(x))
         return y, pullback(cotangent)[0], jax.jvp(f, (jnp.asarray(x),), (tangent,))[1]
 
-    chex.assert_trees_all_equal(derivatives(pool), derivatives(pool_ref))
+    # Equal but for the order in which overlapping windows' shares are added (an ulp or so):
+    # one share routed to another tap would differ by O(1).
+    chex.assert_trees_all_close(derivatives(pool), derivatives(pool_ref), rtol=1e-6, atol=1e-6)
     # And the gradient is max_pool2d's own, not reduce_window's select-and-scatter.
     hlo = jax.jit(jax.grad(lambda x: jnp.sum(pool(x)))).lower(x).compile().as_text()
     assert "select-and-scatter" not in hlo
 
 
 @pytest.mark.parametrize("window, stride", [(2, 2), (2, 1)])  # the reshape and strided-view paths
-def test_max_pool_gradient_goes_to_the_first_nan(window, stride):
-    """A window holding NaN pools to NaN, and its gradient goes to the first NaN, as PyTorch's does."""
+def test_max_pool_gradient_goes_to_the_last_nan(window, stride):
+    """A window holding NaN pools to NaN, and its gradient goes to its last NaN, as PyTorch's does."""
     x = jnp.array([1.0, np.nan, 0.0, np.nan]).reshape(1, 2, 2, 1)
     y, pullback = jax.vjp(lambda x: ops.max_pool2d(x, window, stride=stride), x)
     assert np.isnan(y).all()
-    np.testing.assert_array_equal(pullback(jnp.ones_like(y))[0].ravel(), [0, 1, 0, 0])
+    np.testing.assert_array_equal(pullback(jnp.ones_like(y))[0].ravel(), [0, 0, 0, 1])
+
+
+def test_max_pool_gradient_of_a_large_window_goes_to_its_last_nan():
+    """Windows over MAX_SLICED_TAPS taps (reduce_window's value) follow the same rule."""
+    x = np.arange(30.0, dtype=np.float32).reshape(1, 6, 5, 1)
+    x[0, 1, 3, 0] = x[0, 4, 1, 0] = np.nan  # the second NaN is later in row-major order
+    y, pullback = jax.vjp(lambda x: ops.max_pool2d(x, (6, 5)), jnp.asarray(x))
+    assert np.isnan(y).all()
+    expected = np.zeros_like(x)
+    expected[0, 4, 1, 0] = 1
+    np.testing.assert_array_equal(pullback(jnp.ones_like(y))[0], expected)
+
+
+# (window, stride, padding, ceil_mode, NCHW shape): each path of max_pool2d, on few shapes (each a compile).
+MAX_POOL_GRADIENT_PATHS = [
+    (2, None, 0, False, (2, 2, 4, 6)),  # the reshape
+    (3, 2, 1, True, (2, 2, 6, 5)),  # the strided views, with padding and the ceil_mode overhang
+    ((6, 5), (2, 3), (3, 2), True, (1, 2, 7, 6)),  # over 25 taps: reduce_window's value
+]
+
+
+@functools.cache
+def max_pool_vjp(path: int, layout: str, windowed: bool = False):
+    """Jitted (x, cotangent) -> (y, dx) of max_pool2d on a path, or of `windowed_max`, the path GPUs
+    and TPUs take for every overlapping window (tested here on CPU)."""
+    window, stride, padding, ceil_mode, _ = MAX_POOL_GRADIENT_PATHS[path]
+    pool = functools.partial(ops.max_pool2d, window=window, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    if windowed:
+        setup = functools.partial(ops._pool_setup, "max_pool2d", window=window, stride=stride, padding=padding)
+
+        def pool(x):
+            _, dims, strides, pads, _ = setup(x, ceil_mode=ceil_mode, layout=layout)
+            return _lowering.windowed_max(x, dims, strides, pads)
+
+    else:
+        pool = functools.partial(pool, layout=layout)
+
+    def vjp(x, cotangent):
+        y, pullback = jax.vjp(pool, x)
+        return y, pullback(cotangent)[0]
+
+    return jax.jit(vjp)
+
+
+def max_pool_gradient_case(path, layout, x_nchw):
+    """max_pool2d's value and gradient on this path against the twins', for a cotangent of distinct
+    integers (any misrouted share shows)."""
+    window, stride, padding, ceil_mode, _ = MAX_POOL_GRADIENT_PATHS[path]
+    geometry = dict(stride=stride, padding=padding, ceil_mode=ceil_mode, layout=layout)
+    x = to_layout(x_nchw, layout)
+    y_ref = reference.max_pool2d(x, window, **geometry)
+    cotangent = (1 + np.arange(y_ref.size, dtype=np.float32)).reshape(y_ref.shape)
+    dx_ref = reference.max_pool2d_grad(x, cotangent, window, **geometry)
+    for windowed in (False, True) if path else (False,):
+        y, dx = max_pool_vjp(path, layout, windowed)(x, cotangent)
+        chex.assert_shape(dx, x.shape)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+    return dx_ref, cotangent
+
+
+@pytest.mark.parametrize("path", [1, 2])
+def test_max_pool_gradient_of_minus_inf_windows_skips_padding(path):
+    """A window of -inf that covers padding or the ceil_mode overhang sends its gradient to its
+    first in-bounds element: nothing is lost to the padding."""
+    dx, cotangent = max_pool_gradient_case(path, "NCHW", np.full(MAX_POOL_GRADIENT_PATHS[path][-1], -np.inf))
+    assert dx.sum() == cotangent.sum()
+    if path == 1:  # 3x3/2 windows start at rows -1, 1, 3, 5 (overhanging) and columns -1, 1, 3
+        firsts = np.outer(np.isin(range(6), (0, 1, 3, 5)), np.isin(range(5), (0, 1, 3)))
+        np.testing.assert_array_equal(dx[0, 0] != 0, firsts)
+
+
+# NaNs, infinities and ties (both zeros among them) in every mix: the cases the rule is about.
+SPECIAL_VALUES = st.sampled_from([np.nan, -np.inf, -np.inf, -np.inf, np.inf, 0.0, -0.0, 1.0, 1.0, 2.0])
+
+
+@st.composite
+def max_pool_gradient_cases(draw):
+    path = draw(st.sampled_from(range(len(MAX_POOL_GRADIENT_PATHS))))
+    shape = MAX_POOL_GRADIENT_PATHS[path][-1]
+    values = draw(st.lists(SPECIAL_VALUES, min_size=math.prod(shape), max_size=math.prod(shape)))
+    return path, draw(st.sampled_from(ops.LAYOUTS)), np.array(values, np.float32).reshape(shape)
+
+
+@settings(max_examples=20, deadline=None)
+@given(max_pool_gradient_cases())
+def test_max_pool_gradient_matches_reference(case):
+    max_pool_gradient_case(*case)
+
+
+def test_max_pool_gradient_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    for path, (window, stride, padding, ceil_mode, shape) in enumerate(MAX_POOL_GRADIENT_PATHS):
+        x = rng.choice(
+            np.array([np.nan, -np.inf, 0.0, 1.0, 2.0, -1.0], np.float32), size=shape, p=[0.1, 0.3, 0.15, 0.2, 0.15, 0.1]
+        )
+        xt = torch.tensor(x, requires_grad=True)
+        yt = torch.nn.functional.max_pool2d(xt, window, stride=stride, padding=padding, ceil_mode=ceil_mode)
+        cotangent = (1 + np.arange(yt.numel(), dtype=np.float32)).reshape(yt.shape)
+        yt.backward(torch.from_numpy(cotangent))
+        for windowed in (False, True) if path else (False,):
+            y, dx = max_pool_vjp(path, "NCHW", windowed)(x, cotangent)
+            np.testing.assert_array_equal(y, yt.detach().numpy())
+            np.testing.assert_array_equal(dx, xt.grad.numpy())
