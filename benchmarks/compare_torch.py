@@ -305,7 +305,9 @@ def bench_convs(args, peak: float) -> list:
         for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
             ho = (h + 2 * padding - k) // stride + 1
             # What conv2d runs: "winograd" takes "auto"'s choice where it does not apply.
-            auto = lowering == "auto" or (lowering == "winograd" and (k, stride) != (3, 1))
+            auto = lowering == "auto" or (
+                lowering == "winograd" and not _lowering.winograd_applies((k, k), (stride,) * 2, (1, 1))
+            )
             row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
                    "stride": stride, "padding": padding, "output_hw": ho,
                    "lowering": _lowering.auto_choice(args.batch_size, c, (k, k), (stride, stride), (ho, ho))

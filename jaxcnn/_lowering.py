@@ -1,4 +1,5 @@
-"""How `ops.conv2d` lowers: XLA's convolution, or patches and a matrix product.
+"""How `ops.conv2d` lowers on CPU: XLA's convolution, patches and a matrix product, or
+Winograd's F(2x2, 3x3); and how max pooling is differentiated.
 
 XLA's CPU convolution is slow on small feature maps (a 3x3 kernel on 2x2 or
 1x1 maps runs tens of times below the machine's matrix-product rate) and its
@@ -25,6 +26,17 @@ What keeps it fast:
 gradient, and makes only the weight gradient a product (patches @ dY with
 channel-major patches): for a strided stem over a few image channels, where
 XLA's forward is the faster one and its weight gradient 2-3x slower.
+
+`conv2d_winograd` computes a 3x3 stride-1 convolution from 4x4 input tiles
+at stride 2: 16 products per 2x2 output tile where a direct convolution
+makes 36. The tile transforms are additions and halvings, fused; the 16
+products are one batched matrix product. Its input gradient is the same
+algorithm on dY with the flipped kernel; its weight gradient the patch
+product's.
+
+Max pooling's derivatives (`tiled_max`, `sliced_max`, `windowed_max`) route
+each window's gradient as PyTorch's kernel does, through a reshape or views of
+the input rather than select-and-scatter.
 
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
 with `lax.platform_dependent`, resolved when lowered for the devices.
@@ -61,7 +73,7 @@ MAX_XLA_FORWARD_PATCH_BYTES = 256 * 2**20
 # Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
 WIDE_CHANNELS = 32
 MANY_ROWS = 4096
-# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (narrower ones: XLA's is as fast).
+# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (on narrower ones patches are as fast).
 WINOGRAD_CHANNELS = 64
 
 
@@ -98,8 +110,9 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
         patch_bytes = 4 * kernel_hw[0] * kernel_hw[1] * channels * batch * out_hw[0] * out_hw[1]
         return "xla_forward" if patch_bytes <= MAX_XLA_FORWARD_PATCH_BYTES else "xla"
     if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
-        winograd = (kernel_hw, stride, dilation) == ((3, 3), (1, 1), (1, 1)) and channels >= WINOGRAD_CHANNELS
-        return "winograd" if winograd else "matmul"
+        return (
+            "winograd" if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS else "matmul"
+        )
     return "xla"
 
 
@@ -450,17 +463,20 @@ WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
+def winograd_applies(kernel_hw, stride, dilation) -> bool:
+    """Whether F(2x2, 3x3) computes this convolution: a 3x3 kernel at stride 1, undilated."""
+    return (tuple(kernel_hw), tuple(stride), tuple(dilation)) == ((3, 3), (1, 1), (1, 1))
+
+
 def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
     """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(2x2, 3x3).
 
-    Its gradients are Winograd convolutions too: the input gradient is the
-    convolution of dY with the flipped kernel, the weight gradient 16 products
-    of transformed input tiles with transformed dY tiles, summed over tiles.
+    Its input gradient is a Winograd convolution too (of dY with the flipped
+    kernel); its weight gradient is the patch product's (`conv2d_matmul`),
+    measured 2-3x faster than Winograd's, whose tile sums contract over the
+    long pixel axis.
     """
-    if w.shape[:2] != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
-        raise ValueError(
-            f"conv2d_winograd: a 3x3 kernel at stride 1 without dilation, got {w.shape[:2]}, {stride}, {dilation}"
-        )
+    assert winograd_applies(w.shape[:2], stride, dilation), "ops.conv2d checks winograd_applies first"
     return _winograd(x, w, tuple(map(tuple, padding)), precision)
 
 
@@ -482,8 +498,7 @@ def _winograd_jvp(padding, precision, primals, tangents):
         input_grad = lambda dy: _winograd_conv(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), precision)  # noqa: E731
         terms.append(jax.linear_transpose(input_grad, y)(dx)[0])
     if not isinstance(dw, SymbolicZero):
-        # The weight gradient as the patch product's (dY^T @ patches, chunked): measured 2-3x
-        # faster than Winograd's, whose tile sums contract over the long pixel axis.
+        # The patch product's weight gradient (dY^T @ patches, chunked): see conv2d_winograd.
         conv = functools.partial(conv2d_matmul, x, stride=(1, 1), padding=padding, dilation=(1, 1), precision=precision)
         weight_grad = lambda dy: jax.vjp(conv, w)[1](dy)[0]  # noqa: E731
         terms.append(jax.linear_transpose(weight_grad, y)(dw)[0])
@@ -525,7 +540,11 @@ def _winograd_conv(x, w, padding, precision) -> jax.Array:
     (top, bottom), (left, right) = padding
     ho, wo = h + top + bottom - 2, wd + left + right - 2
     th, tw = -(-ho // 2), -(-wo // 2)
-    u = jnp.einsum("ia,jb,abco->ijco", WINOGRAD_G, WINOGRAD_G, w, precision=precision).reshape(16, c, o)
+    if n == 0:
+        return jnp.zeros((0, ho, wo, o), jnp.result_type(x, w))
+    # G g G^T in float32 (G is), then in the input's dtype: bfloat16 in, bfloat16 out.
+    u = jnp.einsum("ia,jb,abco->ijco", WINOGRAD_G, WINOGRAD_G, w, precision=precision).astype(w.dtype)
+    u = u.reshape(16, c, o)
 
     def conv(x):
         v = _winograd_tiles(x, padding, (ho, wo))

@@ -7,8 +7,8 @@ stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 
 Everything lowers to `jax.lax.conv_general_dilated` and
 `jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
-CPU is slow: there `conv2d` is patches and one matrix product
-(`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
+CPU is slow: there `conv2d` is patches and one matrix product, or
+Winograd's F(2x2, 3x3) (`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
 differentiated on every platform through a reshape or strided views of its
 input (`jaxcnn._lowering`), never reduce_window's select-and-scatter, so that
 its gradient is PyTorch's to the element, NaN and -inf included. Every public function
@@ -153,9 +153,9 @@ def conv2d(
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
     "winograd" is Winograd's F(2x2, 3x3) for 3x3 stride-1 undilated kernels
     ("auto"'s choice for any other). "auto" picks by shape on CPU
-    (`_lowering.auto_choice`): Winograd for 3x3 stride-1 kernels on wide
-    inputs and maps over 4x4, the products
-    where XLA's convolution and above all its gradients are slow (up to 300x
+    (`_lowering.auto_choice`). Winograd for those kernels on inputs of 64
+    channels or more, maps over 4x4 and many output rows (ResNet's bulk);
+    the products where XLA's convolution and above all its gradients are slow (up to 300x
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
     with a product for the weight gradient on strided kernels over few
     channels (a stem), and XLA's convolution for the rest; XLA's convolution
@@ -232,7 +232,7 @@ def conv2d(
         y = xla(x, w)
     elif how == "matmul":
         y = nhwc(_lowering.conv2d_matmul)(x, w)
-    elif how == "winograd" and ((kh, kw), stride, dilation) == ((3, 3), (1, 1), (1, 1)):
+    elif how == "winograd" and _lowering.winograd_applies((kh, kw), stride, dilation):
         y = nhwc(_lowering.conv2d_winograd)(x, w)
     else:
         out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
@@ -301,14 +301,16 @@ def max_pool2d(
 
 def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
-    if g["stride"] == g["window"] and not any(lo or hi for lo, hi in pads):
-        # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max on every platform.
+    taps = math.prod(g["window"])
+    if g["stride"] == g["window"] and not any(lo or hi for lo, hi in pads) and taps <= _lowering.MAX_SLICED_TAPS:
+        # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max on every platform
+        # (its gradient selects tap by tap: global pooling's thousands go to windowed_max).
         ah, aw = _spatial_axes(layout)
         (ho, wo), (kh, kw) = g["out_hw"], g["window"]
         x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
         return _lowering.tiled_max(x, (kh, kw), (ah, aw))
     windowed = functools.partial(_lowering.windowed_max, window=win, strides=strides, pads=pads)
-    if math.prod(g["window"]) > _lowering.MAX_SLICED_TAPS or any(g["padding"]):
+    if taps > _lowering.MAX_SLICED_TAPS or any(g["padding"]):
         # Large windows; and padded ones, whose -inf windows must skip the padding: a static
         # per-window fix that costs windowed_max's 1-D selections less than sliced_max's 2-D one.
         return windowed(x)

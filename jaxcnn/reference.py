@@ -164,7 +164,7 @@ def max_pool2d_grad(x, cotangent, window, *, stride=None, padding=0, ceil_mode=F
     moving to one that is greater than the maximum so far or is NaN. So ties go to the first
     maximum, a window holding NaNs to its last NaN, and a window of -inf to its first in-bounds
     element, never the padding or the ceil_mode overhang."""
-    x, cotangent = _to_nhwc(x, layout), _to_nhwc(cotangent, layout)
+    x, cotangent = _to_nhwc("max_pool2d", x, layout), _to_nhwc("max_pool2d", cotangent, layout)
     n, h, w, c = x.shape
     dx = np.zeros_like(x)
     for i, j, _, (rows, cols) in _windows("max_pool2d", (h, w), window, stride, padding, ceil_mode):
