@@ -129,6 +129,27 @@ def _read_idx(file, *, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
+# A prepared dataset's features.json (and dataset_info.json) name the Python
+# class of each feature, and TFDS imports the module of any name it does not
+# know: a data directory would run code. Before TFDS reads one, every class
+# named there must be one of TFDS's own that image classification sets use.
+TFDS_NAME = re.compile(r"[a-z0-9_]+(/[a-z0-9_-]+)?")  # what TFDS looks up as is: no camel case, ':' or '='
+TFDS_FEATURE_TYPES = frozenset(
+    f"tensorflow_datasets.core.features.{name}"
+    for name in (
+        "features_dict.FeaturesDict",
+        "image_feature.Image",
+        "class_label_feature.ClassLabel",
+        "tensor_feature.Tensor",
+        "feature.Tensor",  # Tensor's older name, in files written before it moved
+        "scalar.Scalar",
+        "text_feature.Text",
+        "sequence_feature.Sequence",  # of bounding boxes, in some (stanford_dogs)
+        "bounding_boxes.BBoxFeature",
+    )
+)
+
+
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:
     if not TFDS_NAME.fullmatch(name):
         raise _unknown(name, "a TFDS name here is lowercase name or name/config: no namespace, version or arguments")
@@ -138,6 +159,8 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         raise _unknown(name, "tensorflow_datasets is not installed: pip install 'jaxcnn[tfds]'") from None
     _keep_tensorflow_off_gpus()  # in case TFDS imported it
     data_dir = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)  # the one directory checked and read
+    if "://" in data_dir:  # its feature classes could not be checked before TFDS imports them
+        raise ValueError(f"load: data_dir {data_dir!r} must be a local directory")
     _check_tfds_feature_types(Path(data_dir) / name.split("/")[0])
     try:  # also finds datasets that other code prepared, from their files
         builder = tfds.builder(name, data_dir=data_dir)
@@ -166,27 +189,6 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
             raise ValueError(f"load: {name!r} has {images.dtype} images of shape {images.shape[1:]}; want uint8 HWC")
         splits.append(Split(images if images.ndim == 4 else images[..., None], labels.astype(np.int32)))
     return Dataset(name, *splits, num_classes)
-
-
-# A prepared dataset's features.json (and dataset_info.json) name the Python
-# class of each feature, and TFDS imports the module of any name it does not
-# know: a data directory would run code. Before TFDS reads one, every class
-# named there must be one of TFDS's own that image classification sets use.
-TFDS_NAME = re.compile(r"[a-z0-9_]+(/[a-z0-9_-]+)?")  # what TFDS looks up as is: no camel case, ':' or '='
-TFDS_FEATURE_TYPES = frozenset(
-    f"tensorflow_datasets.core.features.{name}"
-    for name in (
-        "features_dict.FeaturesDict",
-        "image_feature.Image",
-        "class_label_feature.ClassLabel",
-        "tensor_feature.Tensor",
-        "feature.Tensor",  # Tensor's older name, in files written before it moved
-        "scalar.Scalar",
-        "text_feature.Text",
-        "sequence_feature.Sequence",  # of bounding boxes, in some (stanford_dogs)
-        "bounding_boxes.BBoxFeature",
-    )
-)
 
 
 def _check_tfds_feature_types(dataset_dir: Path) -> None:

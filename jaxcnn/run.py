@@ -221,7 +221,7 @@ def _check(config: RunConfig) -> None:
     def fail(name, want):
         raise ConfigError(name, want, getattr(config, name))
 
-    is_int, is_number = _checks.is_int, _checks.is_finite_number
+    is_int, is_finite_number = _checks.is_int, _checks.is_finite_number
     if config.model not in models.names():
         fail("model", f"one of {models.names()}")
     if not isinstance(config.model_options, dict):
@@ -247,10 +247,10 @@ def _check(config: RunConfig) -> None:
         fail("checkpoint_every", "an int >= 0")
     if not (is_int(config.seed) and 0 <= config.seed < 2**32):
         fail("seed", "an int in [0, 2**32)")  # what jax.random.PRNGKey and numpy's generators both take
-    if config.lr is not None and not (is_number(config.lr) and config.lr > 0):
+    if config.lr is not None and not (is_finite_number(config.lr) and config.lr > 0):
         fail("lr", "a positive finite number")  # or None
     for name in ("warmup_epochs", "weight_decay"):
-        if not (is_number(getattr(config, name)) and getattr(config, name) >= 0):
+        if not (is_finite_number(getattr(config, name)) and getattr(config, name) >= 0):
             fail(name, "a finite number >= 0")
     if config.optimizer is not None and config.optimizer not in train.OPTIMIZERS:
         fail("optimizer", f"one of {train.OPTIMIZERS}")  # or None
