@@ -62,6 +62,13 @@ def positive_int(fn: str, name: str, value) -> int:
     return int_in_range(fn, name, value, 1)
 
 
+def groups_divide(fn: str, groups: int, **channels: int) -> None:
+    """Both channel counts (named as the caller names them) divide into `groups` groups."""
+    if any(count % groups for count in channels.values()):
+        named = " and ".join(f"{name}={count}" for name, count in channels.items())
+        fail(fn, f"{named} must both divide by groups={groups}")
+
+
 def positive_ints(fn: str, name: str, value, *, length: int | None = None, meaning: str = "") -> tuple[int, ...]:
     """A non-empty sequence of positive ints (exactly `length` of them if given), as a tuple."""
     if not (

@@ -97,8 +97,7 @@ def conv_cost(
         for name, v in zip(("c_i", "h", "w", "c_o", "k_h", "k_w"), (c_i, h, w, c_o, k_h, k_w))
     )
     groups = _checks.positive_int(fn, "groups", groups)
-    if c_i % groups or c_o % groups:
-        _checks.fail(fn, f"c_i={c_i} and c_o={c_o} must both divide by groups={groups}")
+    _checks.groups_divide(fn, groups, c_i=c_i, c_o=c_o)
     # Checked here first, so that errors name conv_cost rather than conv_output_shape.
     stride, _, pads = _checks.conv_geometry(fn, (h, w), (k_h, k_w), stride, padding, 1)
     h_o, w_o = ops.conv_output_shape((h, w), (k_h, k_w), stride=stride, padding=pads)

@@ -57,10 +57,7 @@ class Conv2D(nnx.Module):
         fn = "Conv2D"
         for name, value in (("in_features", in_features), ("out_features", out_features), ("groups", groups)):
             _checks.positive_int(fn, name, value)
-        if in_features % groups or out_features % groups:
-            raise ValueError(
-                f"{fn}: in_features={in_features} and out_features={out_features} must both divide by groups={groups}"
-            )
+        _checks.groups_divide(fn, groups, in_features=in_features, out_features=out_features)
         kh, kw = _checks.pair(fn, "kernel_size", kernel_size, minimum=1)
         self.stride = _checks.pair(fn, "stride", stride, minimum=1)
         self.dilation = _checks.pair(fn, "dilation", dilation, minimum=1)

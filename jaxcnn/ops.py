@@ -190,8 +190,7 @@ def conv2d(
         )
     if c < 1 or cout < 1:  # no convolution to compute (and the products would divide by zero)
         _checks.fail(fn, f"input and output channels must be >= 1, got {c} and {cout} (x {x.shape}, w {w.shape})")
-    if c % groups or cout % groups:
-        _checks.fail(fn, f"input channels {c} and output channels {cout} must both divide by groups={groups}")
+    _checks.groups_divide(fn, groups, input_channels=c, output_channels=cout)
     if cin * groups != c:
         x_looks_other = cin * groups == (x.shape[1] if layout == "NHWC" else x.shape[3])
         _checks.fail(

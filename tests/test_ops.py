@@ -533,11 +533,11 @@ ERRORS = {
     ),
     "conv2d groups C": (
         lambda: ops.conv2d(np.zeros((1, 4, 4, 3)), np.zeros((3, 3, 1, 4)), groups=2),
-        r"^conv2d: input channels 3 .* groups=2",
+        r"^conv2d: input_channels=3 .* groups=2",
     ),
     "conv2d groups O": (
         lambda: ops.conv2d(x4, np.zeros((3, 3, 1, 3)), groups=2),
-        r"^conv2d: .*output channels 3 .* groups=2",
+        r"^conv2d: .*output_channels=3 must both divide by groups=2",
     ),
     "conv2d groups 0": (lambda: ops.conv2d(x4, w4, groups=0), r"^conv2d: groups must be a positive int"),
     "conv2d groups float": (lambda: ops.conv2d(x4, w4, groups=1.0), r"^conv2d: groups must be a positive int"),
