@@ -91,7 +91,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
 
     "winograd"     3x3 stride-1 undilated kernels on maps larger than 4x4 with at least 64 input
                    channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
-                   2.25x fewer products, 1.1-1.6x faster forward and backward than the next best.
+                   2.25x fewer products; forward and backward 1.0-1.3x faster than the next best (quiet AMD EPYC).
 
     "matmul"       1x1 kernels; maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
@@ -183,10 +183,14 @@ def _pick(selected, views):
     return sum(jnp.where(selected == index, view, 0) for index, view in enumerate(views))
 
 
+def _padded(x, fill, pads):
+    """x padded with `fill` by reduce_window's (lo, hi) pads."""
+    return lax.pad(x, jnp.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+
+
 def _tap_views(x, fill, window, strides, pads):
     """The input padded with `fill`: its strided view for each window tap, in row-major window order."""
-    xp = lax.pad(x, jnp.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    return strided_views(xp, window, strides)
+    return strided_views(_padded(x, fill, pads), window, strides)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -227,8 +231,7 @@ def windowed_max(x, window, strides, pads):
 @windowed_max.defjvp
 def _windowed_max_jvp(window, strides, pads, primals, tangents):
     (x,), (dx,) = primals, tangents
-    y = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    dy = lax.pad(dx, jnp.zeros((), dx.dtype), [(lo, hi, 0) for lo, hi in pads])
+    y, dy = _padded(x, -jnp.inf, pads), _padded(dx, 0, pads)
     pooled = [a for a, (k, s) in enumerate(zip(window, strides)) if k > 1 or s > 1]
     for axis in reversed(pooled):  # the inner (later) axis first
         window1, strides1, pads1 = (_along(axis, v, rest) for v, rest in ((window, 1), (strides, 1), (pads, (0, 0))))
@@ -472,9 +475,9 @@ def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.A
     """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(2x2, 3x3).
 
     Its input gradient is a Winograd convolution too (of dY with the flipped
-    kernel); its weight gradient is the patch product's (`conv2d_matmul`),
-    measured 2-3x faster than Winograd's, whose tile sums contract over the
-    long pixel axis.
+    kernel); its weight gradient is the patch product's (`conv2d_matmul`):
+    Winograd's, whose tile sums contract over the long pixel axis, measured
+    2-3x slower (on a busy machine).
     """
     assert winograd_applies(w.shape[:2], stride, dilation), "ops.conv2d checks winograd_applies first"
     return _winograd(x, w, tuple(map(tuple, padding)), precision)

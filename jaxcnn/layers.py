@@ -213,11 +213,6 @@ class BatchNorm(nnx.Module):
         return y.astype(out_dtype)
 
 
-def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> BatchNorm:
-    """BatchNorm with torch's defaults: momentum 0.1 (0.9 here), epsilon 1e-5, float32 parameters."""
-    return BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
 def check_input(fn: str, x, in_channels: int, image_size: int | None = None) -> None:
     """Raises ValueError unless x is (N, image_size, image_size, in_channels).
 

@@ -221,7 +221,6 @@ def _check(config: RunConfig) -> None:
     def fail(name, want):
         raise ConfigError(name, want, getattr(config, name))
 
-    is_int, is_finite_number = _checks.is_int, _checks.is_finite_number
     if config.model not in models.names():
         fail("model", f"one of {models.names()}")
     if not isinstance(config.model_options, dict):
@@ -238,19 +237,19 @@ def _check(config: RunConfig) -> None:
         fail("dataset", "a dataset name or directory")
     for name in ("epochs", "batch_size", "image_size", "train_examples", "test_examples"):
         value = getattr(config, name)
-        if value is not None and not (is_int(value) and value >= 1):
+        if value is not None and not (_checks.is_int(value) and value >= 1):
             fail(name, "a positive int")  # or None
     for name in ("keep_checkpoints", "log_every", "profile_steps"):
-        if not (is_int(getattr(config, name)) and getattr(config, name) >= 1):
+        if not (_checks.is_int(getattr(config, name)) and getattr(config, name) >= 1):
             fail(name, "a positive int")
-    if not (is_int(config.checkpoint_every) and config.checkpoint_every >= 0):
+    if not (_checks.is_int(config.checkpoint_every) and config.checkpoint_every >= 0):
         fail("checkpoint_every", "an int >= 0")
-    if not (is_int(config.seed) and 0 <= config.seed < 2**32):
+    if not (_checks.is_int(config.seed) and 0 <= config.seed < 2**32):
         fail("seed", "an int in [0, 2**32)")  # what jax.random.PRNGKey and numpy's generators both take
-    if config.lr is not None and not (is_finite_number(config.lr) and config.lr > 0):
+    if config.lr is not None and not (_checks.is_finite_number(config.lr) and config.lr > 0):
         fail("lr", "a positive finite number")  # or None
     for name in ("warmup_epochs", "weight_decay"):
-        if not (is_finite_number(getattr(config, name)) and getattr(config, name) >= 0):
+        if not (_checks.is_finite_number(getattr(config, name)) and getattr(config, name) >= 0):
             fail(name, "a finite number >= 0")
     if config.optimizer is not None and config.optimizer not in train.OPTIMIZERS:
         fail("optimizer", f"one of {train.OPTIMIZERS}")  # or None

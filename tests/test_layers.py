@@ -125,7 +125,7 @@ def test_global_avg_pool_and_flatten():
 
 
 def test_batch_norm_uses_torch_momentum():
-    bn = layers.batch_norm(4, rngs=nnx.Rngs(0))
+    bn = layers.BatchNorm(4, rngs=nnx.Rngs(0))
     y = bn(X)  # train mode: normalise with batch statistics, update running ones
     np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)
     # running = 0.9 * running + 0.1 * batch, from mean 0 and var 1; torch's unbiased variance (ddof=1).
@@ -145,7 +145,7 @@ def test_batch_norm_matches_torch(shape):
     to_torch = (lambda a: a.transpose(0, 3, 1, 2)) if len(shape) == 4 else (lambda a: a)
     from_torch = (lambda a: a.transpose(0, 2, 3, 1)) if len(shape) == 4 else (lambda a: a)
     twin = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(6).double()
-    bn = layers.batch_norm(6, rngs=nnx.Rngs(0))
+    bn = layers.BatchNorm(6, rngs=nnx.Rngs(0))
     scale, bias = rng.normal(1, 0.5, 6).astype(np.float32), rng.normal(0, 0.5, 6).astype(np.float32)
     bn.scale[...], bn.bias[...] = scale, bias
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_batch_norm_is_exact_far_from_zero():
     """Std 1 at mean 1000: E[x^2] - E[x]^2 in float32 leaves outputs off by about 1, a mean rounded to
     float32 (an ulp at 1000 is 6e-5) by about 5e-5; the corrected two-pass gets the float64 result."""
     x = (1000 + np.random.default_rng(0).standard_normal((32, 8, 8, 4))).astype(np.float32)
-    bn = layers.batch_norm(4, rngs=nnx.Rngs(0))
+    bn = layers.BatchNorm(4, rngs=nnx.Rngs(0))
     y = nnx.jit(lambda bn, x: bn(x))(bn, jnp.asarray(x))
     x64 = x.astype(np.float64)
     expected = (x64 - x64.mean(axis=(0, 1, 2))) / np.sqrt(x64.var(axis=(0, 1, 2)) + 1e-5)
@@ -189,7 +189,7 @@ def test_batch_norm_is_exact_far_from_zero():
 
 
 def test_batch_norm_train_mode_needs_more_than_one_value_per_channel():
-    bn = layers.batch_norm(6, rngs=nnx.Rngs(0))
+    bn = layers.BatchNorm(6, rngs=nnx.Rngs(0))
     one = jnp.ones((1, 6))
     with pytest.raises(ValueError, match=r"more than 1 value per channel, got shape \(1, 6\)"):
         bn(one)  # as torch: a single value has no spread to normalise by

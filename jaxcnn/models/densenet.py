@@ -18,7 +18,7 @@ GROWTH_RATE = 32
 def conv_block(in_channels: int, num_channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Sequential:
     """BatchNorm, ReLU, 3x3 conv (padding 1) to num_channels: ResNet's later "pre-activation" order."""
     return nnx.Sequential(
-        layers.batch_norm(in_channels, dtype=dtype, rngs=rngs),
+        layers.BatchNorm(in_channels, dtype=dtype, rngs=rngs),
         jax.nn.relu,
         layers.Conv2D(in_channels, num_channels, 3, padding=1, dtype=dtype, rngs=rngs),
     )
@@ -53,7 +53,7 @@ class DenseBlock(nnx.Module):
 def transition_block(in_channels: int, num_channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Sequential:
     """BatchNorm, ReLU, 1x1 conv to num_channels, 2x2/2 average pool: fewer channels, half the H and W."""
     return nnx.Sequential(
-        layers.batch_norm(in_channels, dtype=dtype, rngs=rngs),
+        layers.BatchNorm(in_channels, dtype=dtype, rngs=rngs),
         jax.nn.relu,
         layers.Conv2D(in_channels, num_channels, 1, dtype=dtype, rngs=rngs),
         layers.AvgPool2D(2, stride=2),
@@ -102,7 +102,7 @@ class DenseNet(nnx.Module):
             b1(in_channels, dtype=dtype, rngs=rngs),
             *body,
             nnx.Sequential(
-                layers.batch_norm(channels, dtype=dtype, rngs=rngs),
+                layers.BatchNorm(channels, dtype=dtype, rngs=rngs),
                 jax.nn.relu,
                 layers.GlobalAvgPool2D(),
                 layers.Flatten(),

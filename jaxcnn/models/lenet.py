@@ -43,7 +43,7 @@ class LeNet(nnx.Module):
             raise ValueError(f"LeNet: image_size must be at least 12, got {image_size}")
         self.in_channels, self.image_size = in_channels, image_size
         act, pool = ACTIVATIONS[activation], POOLINGS[pooling]
-        norm = (lambda n: [layers.batch_norm(n, dtype=dtype, rngs=rngs)]) if batch_norm else (lambda n: [])
+        norm = (lambda n: [layers.BatchNorm(n, dtype=dtype, rngs=rngs)]) if batch_norm else (lambda n: [])
         self.net = nnx.Sequential(
             layers.Conv2D(in_channels, 6, 5, padding=2, dtype=dtype, rngs=rngs), *norm(6), act,
             pool(2, stride=2),

@@ -21,7 +21,7 @@ def stem(in_channels: int, num_channels: int, *, dtype=None, rngs: nnx.Rngs) -> 
     """3x3/2 conv (padding 1), BatchNorm, ReLU: half the H and W."""
     return nnx.Sequential(
         layers.Conv2D(in_channels, num_channels, 3, stride=2, padding=1, dtype=dtype, rngs=rngs),
-        layers.batch_norm(num_channels, dtype=dtype, rngs=rngs),
+        layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs),
         jax.nn.relu,
     )
 

@@ -58,8 +58,8 @@ class Residual(nnx.Module):
         self.conv1 = conv(in_channels, 3, strides)
         self.conv2 = conv(num_channels, 3, 1)
         self.conv3 = conv(in_channels, 1, strides) if use_1x1conv else None
-        self.bn1 = layers.batch_norm(num_channels, dtype=dtype, rngs=rngs)
-        self.bn2 = layers.batch_norm(num_channels, dtype=dtype, rngs=rngs)
+        self.bn1 = layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs)
+        self.bn2 = layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.nn.relu(self.bn1(self.conv1(x)))
@@ -91,9 +91,9 @@ class BasicBlock(nnx.Module):
     ):
         check_shortcut("BasicBlock", in_channels, num_channels, use_1x1conv, strides)
         self.conv1 = _conv(in_channels, num_channels, 3, strides, dtype=dtype, rngs=rngs)
-        self.bn1 = layers.batch_norm(num_channels, dtype=dtype, rngs=rngs)
+        self.bn1 = layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs)
         self.conv2 = _conv(num_channels, num_channels, 3, 1, dtype=dtype, rngs=rngs)
-        self.bn2 = layers.batch_norm(num_channels, dtype=dtype, rngs=rngs)
+        self.bn2 = layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs)
         self.downsample = _downsample(in_channels, num_channels, strides, dtype, rngs) if use_1x1conv else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,11 +132,11 @@ class Bottleneck(nnx.Module):
         check_shortcut(fn, in_channels, num_channels, use_1x1conv, strides)
         width = num_channels // BOTTLENECK_EXPANSION
         self.conv1 = _conv(in_channels, width, 1, 1, dtype=dtype, rngs=rngs)
-        self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        self.bn1 = layers.BatchNorm(width, dtype=dtype, rngs=rngs)
         self.conv2 = _conv(width, width, 3, strides, dtype=dtype, rngs=rngs)
-        self.bn2 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        self.bn2 = layers.BatchNorm(width, dtype=dtype, rngs=rngs)
         self.conv3 = _conv(width, num_channels, 1, 1, dtype=dtype, rngs=rngs)
-        self.bn3 = layers.batch_norm(num_channels, dtype=dtype, rngs=rngs)
+        self.bn3 = layers.BatchNorm(num_channels, dtype=dtype, rngs=rngs)
         self.downsample = _downsample(in_channels, num_channels, strides, dtype, rngs) if use_1x1conv else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -156,7 +156,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, *, dtype, rngs) -> layers.Co
 def _downsample(cin: int, cout: int, stride: int, dtype, rngs) -> nnx.Sequential:
     """torchvision's shortcut: strided 1x1 conv, BatchNorm."""
     return nnx.Sequential(
-        _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs), layers.batch_norm(cout, dtype=dtype, rngs=rngs)
+        _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs), layers.BatchNorm(cout, dtype=dtype, rngs=rngs)
     )
 
 
@@ -167,7 +167,7 @@ def b1(in_channels: int, *, bias: bool = True, dtype=None, rngs: nnx.Rngs) -> nn
     """
     return nnx.Sequential(
         layers.Conv2D(in_channels, STEM_CHANNELS, 7, stride=2, padding=3, use_bias=bias, dtype=dtype, rngs=rngs),
-        layers.batch_norm(STEM_CHANNELS, dtype=dtype, rngs=rngs),
+        layers.BatchNorm(STEM_CHANNELS, dtype=dtype, rngs=rngs),
         jax.nn.relu,
         layers.MaxPool2D(3, stride=2, padding=1),
     )

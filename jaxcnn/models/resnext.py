@@ -54,7 +54,7 @@ class ResNeXtBlock(nnx.Module):
         conv = lambda cin, cout, k, s=1, g=1: layers.Conv2D(
             cin, cout, k, stride=s, padding=k // 2, groups=g, dtype=dtype, rngs=rngs
         )
-        norm = lambda c: layers.batch_norm(c, dtype=dtype, rngs=rngs)
+        norm = lambda c: layers.BatchNorm(c, dtype=dtype, rngs=rngs)
         self.conv1, self.bn1 = conv(in_channels, bot_channels, 1), norm(bot_channels)
         self.conv2, self.bn2 = conv(bot_channels, bot_channels, 3, strides, bot_channels // groups), norm(bot_channels)
         self.conv3, self.bn3 = conv(bot_channels, num_channels, 1), norm(num_channels)
