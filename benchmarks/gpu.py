@@ -11,10 +11,18 @@ line and exits 1.
 checks       every registered model (--check-models) at its chapter size: the train step as the runner
              builds it, --check-steps steps on the GPU and on this machine's CPU from the same initial
              state and the same bundled MNIST digits, then the eval step and the eval-mode logits.
-             float32 with matmul precision "highest" on both, so the two differ by rounding alone;
-             passed when every train loss, the eval loss and the logits agree within CHECK_RTOL
-             (relative to the CPU's largest magnitude). The CPU side runs in worker threads meanwhile,
-             through _lowering's CPU paths: this also checks those against XLA's GPU convolutions.
+             float32 with matmul precision "highest" on both, so the two differ by rounding alone.
+             What a forward pass gives from the initial state (the eval-mode logits, the first train
+             loss) must agree within CHECK_RTOL (relative to the CPU's largest magnitude). What comes
+             after a gradient step cannot be held to that: at batch 8 a ReLU network's gradient is
+             ill-conditioned (ReLUs and max-pool windows near a tie flip with the last bit, BatchNorm
+             divides by small batch variances; scaling the input by 1 + 1e-6 moves some of ResNet-18's
+             weight gradients by 5%), so float32 CPU and float64 differ there by up to 5% after one
+             step. Those figures must agree within NOISE_FACTOR times the CPU's own spread: the same
+             steps on the CPU with XLA's convolutions in place of _lowering's, and from weights each
+             nudged up or down by one part in 2**22: other correct float32 computations (CHECK_RTOL
+             where that spread is smaller). The CPU side runs in worker threads meanwhile, through
+             _lowering's CPU paths: this also checks those against XLA's GPU convolutions.
 throughput   train-step images/s with bf16 compute and float32 parameters, plain SGD, uint8 NHWC batches
              already on the device: jaxcnn's runner step (dtype=bfloat16) against PyTorch eager and
              torch.compile (default mode) with channels_last and bf16 autocast, on the same
@@ -49,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 PEAK_TFLOPS = 989  # dense bf16, H100/H200 SXM (NVIDIA's datasheet; 1979 counts 2:4 sparsity)
 CHECK_RTOL = 1e-3
+NOISE_FACTOR = 10
+NUDGE = 2.0**-22  # one or two float32 ulps
 START = time.perf_counter()
 RESULT = {"benchmark": "gpu"}  # filled as the run goes, so SIGTERM can print what there is
 
@@ -93,7 +103,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxcnn import analysis, data, models, train  # noqa: E402
+from jaxcnn import _lowering, analysis, data, models, train  # noqa: E402
 
 import _common  # noqa: E402  (benchmarks/: python puts the script's directory on sys.path)
 
@@ -125,6 +135,8 @@ def run_steps(device, name: str, host_state, defs, digits: data.Split) -> dict:
         eval_step = train.make_eval_step(eval_def, mesh, image_size=size)
         forward = jax.jit(lambda p, s, x: nnx.merge(eval_def, p, s)(data.preprocess(x, size)))
         state = jax.device_put(host_state, replicated)
+        images, _ = jax.device_put((digits.images[rows[-1]], digits.labels[rows[-1]]), sharded)
+        init_logits = np.asarray(forward(state.params, state.batch_stats, images))
         losses, first_step_s = [], None
         for i in rows[:-1]:
             images, labels = jax.device_put((digits.images[i], digits.labels[i]), sharded)
@@ -141,6 +153,7 @@ def run_steps(device, name: str, host_state, defs, digits: data.Split) -> dict:
         "losses": losses,
         "eval_loss": float(totals["loss"]) / batch,
         "logits": logits,
+        "init_logits": init_logits,
         "first_step_s": first_step_s,
     }
 
@@ -150,20 +163,51 @@ def relative(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def compare(gpu: dict, cpu: dict) -> dict:
-    diffs = {
-        "train_loss_rel_diff": relative(gpu["losses"], cpu["losses"]),
-        "eval_loss_rel_diff": relative(gpu["eval_loss"], cpu["eval_loss"]),
-        "logits_rel_diff": relative(gpu["logits"], cpu["logits"]),
-    }
+def after_steps_diffs(a: dict, b: dict) -> dict:
+    """How far apart two runs' figures after the first gradient step are."""
     return {
-        "passed": all(np.isfinite(v) and v <= CHECK_RTOL for v in diffs.values()),
-        **{k: float(f"{v:.3g}") for k, v in diffs.items()},
+        "later_train_loss_rel_diff": relative(a["losses"][1:] or [0.0], b["losses"][1:] or [0.0]),
+        "eval_loss_rel_diff": relative(a["eval_loss"], b["eval_loss"]),
+        "logits_rel_diff": relative(a["logits"], b["logits"]),
+    }
+
+
+def compare(gpu: dict, cpu: dict, others: dict[str, dict]) -> dict:
+    """Forward figures within CHECK_RTOL; later ones within NOISE_FACTOR x the CPU's own spread, the
+    furthest any of `others` (other correct CPU computations) lands from `cpu`."""
+    forward = {
+        "init_logits_rel_diff": relative(gpu["init_logits"], cpu["init_logits"]),
+        "first_train_loss_rel_diff": relative(gpu["losses"][0], cpu["losses"][0]),
+    }
+    later = after_steps_diffs(gpu, cpu)
+    spreads = {source: after_steps_diffs(other, cpu) for source, other in others.items()}
+    tolerance = {k: max(CHECK_RTOL, NOISE_FACTOR * max(d[k] for d in spreads.values())) for k in later}
+    passed = all(np.isfinite(v) and v <= CHECK_RTOL for v in forward.values()) and all(
+        np.isfinite(v) and v <= tolerance[k] for k, v in later.items()
+    )
+    round3 = lambda diffs: {k: float(f"{v:.3g}") for k, v in diffs.items()}
+    return {
+        "passed": passed,
+        **round3(forward | later),
+        "cpu_spread": {source: round3(d) for source, d in spreads.items()},
         "train_losses_gpu": [round(v, 6) for v in gpu["losses"]],
         "train_losses_cpu": [round(v, 6) for v in cpu["losses"]],
         "gpu_first_step_s": round(gpu["first_step_s"], 2),
         "cpu_first_step_s": round(cpu["first_step_s"], 2),
     }
+
+
+def nudged(host_state):
+    """The state with every float parameter moved by one part in 2**22, up or down at random: the
+    rounding noise a different but correct float32 computation makes. The CPU's spread is measured from it."""
+    rng = np.random.default_rng(0)
+
+    def nudge(a):
+        if not np.issubdtype(a.dtype, np.floating):
+            return a
+        return (a * (1 + NUDGE * rng.choice([-1.0, 1.0], np.shape(a)))).astype(a.dtype)
+
+    return host_state.replace(params=jax.tree.map(nudge, host_state.params))
 
 
 def run_checks(names: list[str], out: dict) -> None:
@@ -172,11 +216,12 @@ def run_checks(names: list[str], out: dict) -> None:
     out |= {
         "what": "float32, matmul precision highest on both; max |GPU - CPU| / max |CPU|",
         "tolerance": CHECK_RTOL,
+        "later_tolerance": f"max({CHECK_RTOL}, {NOISE_FACTOR} x cpu_spread)",
         "batch_size": ARGS.check_batch_size,
         "steps": ARGS.check_steps,
         "models": {name: {"skipped": "not reached"} for name in names},
     }
-    pending = {}
+    pending = {}  # name -> (the GPU's run, {source: the CPU run's future}, initial state, step definitions)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as cpu_workers:
         for name in names:
             if record := skipped(ARGS.check_budget_s, "--check-budget-s"):
@@ -188,13 +233,29 @@ def run_checks(names: list[str], out: dict) -> None:
                 tx = train.make_optimizer("sgd", 0.01, total_steps=100)
                 host_state = jax.device_get(train.create_train_state(params, batch_stats, tx, seed=0))
                 defs = (train_def, eval_def, tx)
-                on_cpu = cpu_workers.submit(run_steps, cpu, name, host_state, defs, digits)
-                pending[name] = (run_steps(ACCELERATOR, name, host_state, defs, digits), on_cpu)
+                starts = {"cpu": host_state, "nudged_weights": nudged(host_state)}
+                runs = {k: cpu_workers.submit(run_steps, cpu, name, s, defs, digits) for k, s in starts.items()}
+                pending[name] = (run_steps(ACCELERATOR, name, host_state, defs, digits), runs, host_state, defs)
             except Exception as error:  # noqa: BLE001  one model's failure is recorded, the rest run
                 out["models"][name] = error_record(error)
-        for name, (on_gpu, on_cpu) in pending.items():
+        # XLA's own CPU convolutions in place of _lowering's: $JAXCNN_CONV_LOWERING is read when a step is
+        # traced, so it is set only once every other CPU run is done (the GPU takes XLA's either way).
+        concurrent.futures.wait([f for _, runs, _, _ in pending.values() for f in runs.values()])
+        asked = os.environ.get(_lowering.ENV_VAR)
+        os.environ[_lowering.ENV_VAR] = "xla"
+        try:
+            for name, (_, runs, host_state, defs) in pending.items():
+                runs["xla_convolutions"] = cpu_workers.submit(run_steps, cpu, name, host_state, defs, digits)
+            concurrent.futures.wait([runs["xla_convolutions"] for _, runs, _, _ in pending.values()])
+        finally:
+            if asked is None:
+                del os.environ[_lowering.ENV_VAR]
+            else:
+                os.environ[_lowering.ENV_VAR] = asked
+        for name, (on_gpu, runs, _, _) in pending.items():
             try:
-                out["models"][name] = compare(on_gpu, on_cpu.result())
+                results = {source: future.result() for source, future in runs.items()}
+                out["models"][name] = compare(on_gpu, results.pop("cpu"), results)
             except Exception as error:  # noqa: BLE001
                 out["models"][name] = error_record(error)
     out["all_passed"] = all(r.get("passed", False) for r in out["models"].values())
