@@ -8,7 +8,9 @@ with the same batch, shapes and plain SGD:
   models  images/s of a whole train step: jaxcnn's registry model and
           `train.make_train_step` as the runner builds them (uint8 NHWC in),
           against the chapters' d2l LeNet and ResNet-18 (BatchNorm, NCHW,
-          xavier init) written below in torch (float NCHW in, from uint8).
+          xavier init) written below in torch (float NCHW in, from uint8);
+          and the fraction of the matrix-product peak each step reaches,
+          counting useful multiply-adds only (`step_macs_per_image`).
   convs   each distinct ResNet-18 conv shape at 32 and 96 px: forward and
           forward+backward (gradients of x, w and b; none of x for the stem,
           which sees the data) of `ops.conv2d` and F.conv2d, with GFLOP/s and
@@ -91,9 +93,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
-from jaxcnn import _lowering, ops, run  # noqa: E402
+from jaxcnn import _lowering, analysis, models, ops, run  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -228,7 +231,15 @@ def torch_train_step(name: str, images: np.ndarray, labels: np.ndarray, steps: i
     return run
 
 
-def bench_models(args) -> dict:
+def step_macs_per_image(name: str, size: int) -> int:
+    """Useful multiply-adds of one image's train step (taps on padding not counted): each conv and dense
+    layer's forward and weight gradient, and its input gradient but for the first layer's (the data's)."""
+    model = nnx.eval_shape(functools.partial(models.create, MODELS[name][0], image_size=size))
+    rows, totals = analysis.model_cost(model, (1, size, size, 1))
+    return 3 * totals["macs_unpadded"] - rows[0]["macs_unpadded"]
+
+
+def bench_models(args, peak: float) -> dict:
     rng = np.random.default_rng(0)
     results = {}
     for name in args.models:
@@ -239,11 +250,14 @@ def bench_models(args) -> dict:
                "torch": torch_train_step(name, images, labels, steps)}  # fmt: skip
         t = interleaved_medians(fns, args.repeats)
         ips = {k: args.batch_size * steps / v for k, v in t.items()}
+        gflop_per_image = 2 * step_macs_per_image(name, size) / 1e9
         results[name] = {
             "image_size": size,
             "jaxcnn_images_per_s": round(ips["jaxcnn"], 1),
             "torch_images_per_s": round(ips["torch"], 1),
             "ratio": round(ips["jaxcnn"] / ips["torch"], 3),
+            "train_gflop_per_image": round(gflop_per_image, 4),
+            **{f"{k}_peak_fraction": round(v * gflop_per_image / peak, 3) for k, v in ips.items()},
         }
         print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
     return results
@@ -355,7 +369,7 @@ def main():
     if ARGS.child_peak_gflops is None and len(ARGS.models) + len(ARGS.conv_sizes) > 1:
         models, convs = in_children(ARGS, peak)
     else:
-        models, convs = bench_models(ARGS), bench_convs(ARGS, peak)
+        models, convs = bench_models(ARGS, peak), bench_convs(ARGS, peak)
     result = {
         "benchmark": "compare_torch",
         "lowering": _lowering.mode("compare_torch", None),
