@@ -339,15 +339,13 @@ def _damage(checkpoints: Path, step: int, damage: str) -> None:
         _damage_meta(where, history=None)
 
 
-# Two damages a resume (one on each of the newest two checkpoints, 16 and 12), and why each is set aside
-# (any of a tuple's reasons). A flipped byte in the largest file lands where the writer's threads put it:
-# in array data the checksums catch it, in TensorStore's compressed chunks or index the read fails.
+# Two damages a resume (one on each of the newest two checkpoints, 16 and 12), and why each is set aside.
 @pytest.mark.parametrize(
     "damages",
     [
-        {"flip a byte": ("checksums", "Error: "), "another run's": "belongs to run"},
         {"another step's arrays": "disagrees", "meta says epoch 5": "not its epoch 5"},
-        {"meta's checksums edited": "checksums", "meta without history": "lacks history"},
+        {"meta's checksums edited": "checksums", "another run's": "belongs to run"},
+        {"meta without history": "lacks history", "another step's arrays": "disagrees"},
     ],
 )
 def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, damages):
@@ -359,11 +357,26 @@ def test_a_checkpoint_that_does_not_check_out_is_set_aside(finished, tmp_path, d
     records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
     said = hooks.messages().splitlines()
     for step, why in zip((16, 12), damages.values(), strict=True):
-        whys = why if isinstance(why, tuple) else (why,)
-        damaged = [line for line in said if f"checkpoint {checkpoints / str(step)} is damaged" in line]
-        assert damaged and any(w in damaged[0] for w in whys), said
+        assert any(f"checkpoint {checkpoints / str(step)} is damaged" in line and why in line for line in said), said
         assert (checkpoints / f"{step}.damaged").is_dir()
     assert "resuming from step 8 (epoch 2, batch 0)" in said
+    assert learned(records) == learned(finished[1])
+
+
+def test_a_flipped_byte_is_caught_or_never_read(finished, tmp_path):
+    """Bit rot in the newest checkpoint's largest file: set aside if the restored arrays differ from their
+    checksums (or cannot be read), else resumed from unchanged. OCDBT's files keep index nodes that a later
+    write superseded, which no restore reads; where a flip lands varies between runs with the writer's threads."""
+    workdir = copy_run(finished, tmp_path)
+    _damage(workdir / "checkpoints", 16, "flip a byte")
+    hooks = Recorder()
+    records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
+    said = hooks.messages()
+    if f"checkpoint {workdir / 'checkpoints' / '16'} is damaged" in said:
+        assert "checksums" in said or "Error: " in said, said
+        assert "resuming from step 12" in said
+    else:
+        assert "resuming from step 16" in said  # the checksums held: the arrays are the ones saved
     assert learned(records) == learned(finished[1])
 
 
