@@ -81,7 +81,7 @@ class MaxPool2D(nnx.Module):
     def __init__(self, window: ops.Pair, *, stride: ops.Pair | None = None, padding: ops.Pair = 0, ceil_mode=False):
         # Checked when the layer is built, not at its first call.
         self.window, self.stride, self.padding = _checks.pool_pairs("MaxPool2D", window, stride, padding)
-        self.ceil_mode = ceil_mode
+        self.ceil_mode = _checks.boolean("MaxPool2D", "ceil_mode", ceil_mode)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return ops.max_pool2d(x, self.window, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode)
@@ -100,7 +100,8 @@ class AvgPool2D(nnx.Module):
         count_include_pad=True,
     ):
         self.window, self.stride, self.padding = _checks.pool_pairs("AvgPool2D", window, stride, padding)
-        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.ceil_mode = _checks.boolean("AvgPool2D", "ceil_mode", ceil_mode)
+        self.count_include_pad = _checks.boolean("AvgPool2D", "count_include_pad", count_include_pad)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return ops.avg_pool2d(
@@ -171,9 +172,13 @@ class BatchNorm(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+        fn = "BatchNorm"
+        self.num_features = _checks.positive_int(fn, "num_features", num_features)
+        self.use_running_average = _checks.boolean(fn, "use_running_average", use_running_average)
+        if not (_checks.is_finite_number(momentum) and 0 <= momentum <= 1):
+            _checks.fail(fn, f"momentum must be in [0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self.epsilon, self.dtype = _checks.positive_number(fn, "epsilon", epsilon), dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))

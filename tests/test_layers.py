@@ -111,6 +111,29 @@ def test_pool_layers():
         layers.MaxPool2D(0)
 
 
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: layers.MaxPool2D(2, ceil_mode="yes"), "MaxPool2D: ceil_mode must be a bool, got 'yes'"),
+        (lambda: layers.AvgPool2D(2, count_include_pad=1), "AvgPool2D: count_include_pad must be a bool, got 1"),
+        (lambda: layers.BatchNorm(0, rngs=nnx.Rngs(0)), "BatchNorm: num_features must be"),
+        (
+            lambda: layers.BatchNorm(4, momentum=1.5, rngs=nnx.Rngs(0)),
+            r"BatchNorm: momentum must be in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda: layers.BatchNorm(4, epsilon=0, rngs=nnx.Rngs(0)),
+            "BatchNorm: epsilon must be a positive finite number",
+        ),
+        (lambda: layers.BatchNorm(4, use_running_average="no", rngs=nnx.Rngs(0)), "use_running_average must be a bool"),
+    ],
+)
+def test_layers_check_their_arguments_when_built(build, message):
+    with pytest.raises(ValueError, match=message) as error:
+        build()
+    assert "\n" not in str(error.value)
+
+
 def test_global_avg_pool_and_flatten():
     g = layers.GlobalAvgPool2D()(X)
     chex.assert_shape(g, (2, 1, 1, 4))
