@@ -10,19 +10,21 @@ line and exits 1.
 
 checks       every registered model (--check-models) at its chapter size: the train step as the runner
              builds it, --check-steps steps on the GPU and on this machine's CPU from the same initial
-             state and the same bundled MNIST digits, then the eval step and the eval-mode logits.
-             float32 with matmul precision "highest" on both, so the two differ by rounding alone.
-             What a forward pass gives from the initial state (the eval-mode logits, the first train
-             loss) must agree within CHECK_RTOL (relative to the CPU's largest magnitude). What comes
-             after a gradient step cannot be held to that: at batch 8 a ReLU network's gradient is
-             ill-conditioned (ReLUs and max-pool windows near a tie flip with the last bit, BatchNorm
-             divides by small batch variances; scaling the input by 1 + 1e-6 moves some of ResNet-18's
-             weight gradients by 5%), so float32 CPU and float64 differ there by up to 5% after one
-             step. Those figures must agree within NOISE_FACTOR times the CPU's own spread: the same
-             steps on the CPU with XLA's convolutions in place of _lowering's, and from weights each
-             nudged up or down by one part in 2**22: other correct float32 computations (CHECK_RTOL
-             where that spread is smaller). The CPU side runs in worker threads meanwhile, through
-             _lowering's CPU paths: this also checks those against XLA's GPU convolutions.
+             state and the same batches, then the eval step and the eval-mode logits. float32 with
+             matmul precision "highest" on both, so the two differ by rounding alone. The batches are
+             uniform random 28x28 images, not digits: a digit's flat strokes and background give
+             windows of equal values, whose max-pool gradient then goes wherever rounding puts the
+             largest (AlexNet's first-layer gradients differ by 6e-3 between two correct CPU
+             lowerings on digits, by 8e-7 on noise). What a forward pass gives from the initial
+             weights (eval logits, the first train loss) must agree within CHECK_RTOL (relative to
+             the CPU's largest magnitude). What follows a gradient step is held to NOISE_FACTOR times
+             the CPU's own spread, the same steps from weights nudged by 2**-22 up or down at random
+             (CHECK_RTOL where that is smaller): at batch 8 BatchNorm makes some networks' gradients
+             ill-conditioned (one part in a million on the input moves some of ResNet-18's weight
+             gradients by 5%). A figure whose tolerance would pass JUDGE_LIMIT is not judged (listed
+             under not_judged). The same figures are held to the same tolerances for the CPU with
+             XLA's convolutions in place of _lowering's (cpu_lowerings_vs_xla): _lowering's gradients
+             against XLA's on one platform, as the GPU's against the CPU's.
 throughput   train-step images/s with bf16 compute and float32 parameters, plain SGD, uint8 NHWC batches
              already on the device: jaxcnn's runner step (dtype=bfloat16) against PyTorch eager and
              torch.compile (default mode) with channels_last and bf16 autocast, on the same
@@ -58,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 PEAK_TFLOPS = 989  # dense bf16, H100/H200 SXM (NVIDIA's datasheet; 1979 counts 2:4 sparsity)
 CHECK_RTOL = 1e-3
 NOISE_FACTOR = 10
-NUDGE = 2.0**-22  # one or two float32 ulps
+JUDGE_LIMIT = 0.05
+NUDGE = 2.0**-22  # 2 to 4 float32 ulps
 START = time.perf_counter()
 RESULT = {"benchmark": "gpu"}  # filled as the run goes, so SIGTERM can print what there is
 
@@ -122,7 +125,7 @@ def skipped(budget_s: float, flag: str) -> dict | None:
 # Checks: the runner's steps on the GPU against the CPU.
 
 
-def run_steps(device, name: str, host_state, defs, digits: data.Split) -> dict:
+def run_steps(device, name: str, host_state, defs, batches: data.Split) -> dict:
     """Train losses, eval loss and eval logits of the runner's steps on `device`, float32 at "highest"."""
     train_def, eval_def, tx = defs
     size, batch = models.default_image_size(name), ARGS.check_batch_size
@@ -135,16 +138,16 @@ def run_steps(device, name: str, host_state, defs, digits: data.Split) -> dict:
         eval_step = train.make_eval_step(eval_def, mesh, image_size=size)
         forward = jax.jit(lambda p, s, x: nnx.merge(eval_def, p, s)(data.preprocess(x, size)))
         state = jax.device_put(host_state, replicated)
-        images, _ = jax.device_put((digits.images[rows[-1]], digits.labels[rows[-1]]), sharded)
+        images, _ = jax.device_put((batches.images[rows[-1]], batches.labels[rows[-1]]), sharded)
         init_logits = np.asarray(forward(state.params, state.batch_stats, images))
         losses, first_step_s = [], None
         for i in rows[:-1]:
-            images, labels = jax.device_put((digits.images[i], digits.labels[i]), sharded)
+            images, labels = jax.device_put((batches.images[i], batches.labels[i]), sharded)
             start = time.perf_counter()
             state, totals = step(state, jax.device_put(train.zero_totals(), replicated), images, labels)
             losses.append(float(totals["loss"]) / batch)  # the fetch waits for the step
             first_step_s = first_step_s or time.perf_counter() - start  # compile included
-        images, labels = jax.device_put((digits.images[rows[-1]], digits.labels[rows[-1]]), sharded)
+        images, labels = jax.device_put((batches.images[rows[-1]], batches.labels[rows[-1]]), sharded)
         totals = jax.device_put(train.zero_totals(), replicated)
         mask = jax.device_put(np.ones(batch, bool), sharded)
         totals = eval_step(state.params, state.batch_stats, totals, images, labels, mask)
@@ -172,24 +175,30 @@ def after_steps_diffs(a: dict, b: dict) -> dict:
     }
 
 
-def compare(gpu: dict, cpu: dict, others: dict[str, dict]) -> dict:
-    """Forward figures within CHECK_RTOL; later ones within NOISE_FACTOR x the CPU's own spread, the
-    furthest any of `others` (other correct CPU computations) lands from `cpu`."""
-    forward = {
-        "init_logits_rel_diff": relative(gpu["init_logits"], cpu["init_logits"]),
-        "first_train_loss_rel_diff": relative(gpu["losses"][0], cpu["losses"][0]),
-    }
-    later = after_steps_diffs(gpu, cpu)
-    spreads = {source: after_steps_diffs(other, cpu) for source, other in others.items()}
-    tolerance = {k: max(CHECK_RTOL, NOISE_FACTOR * max(d[k] for d in spreads.values())) for k in later}
-    passed = all(np.isfinite(v) and v <= CHECK_RTOL for v in forward.values()) and all(
-        np.isfinite(v) and v <= tolerance[k] for k, v in later.items()
-    )
-    round3 = lambda diffs: {k: float(f"{v:.3g}") for k, v in diffs.items()}
+def held(other: dict, cpu: dict, tolerance: dict) -> dict:
+    """`other`'s figures against the CPU's: forward ones within CHECK_RTOL, later ones within `tolerance`
+    (those not judged are left out of `passed`)."""
+    diffs = {
+        "init_logits_rel_diff": relative(other["init_logits"], cpu["init_logits"]),
+        "first_train_loss_rel_diff": relative(other["losses"][0], cpu["losses"][0]),
+    } | after_steps_diffs(other, cpu)
+    limits = {k: tolerance.get(k, CHECK_RTOL) for k in diffs}
+    judged = {k for k, limit in limits.items() if limit <= JUDGE_LIMIT}
     return {
-        "passed": passed,
-        **round3(forward | later),
-        "cpu_spread": {source: round3(d) for source, d in spreads.items()},
+        "passed": all(np.isfinite(diffs[k]) and diffs[k] <= limits[k] for k in judged),
+        **{k: float(f"{v:.3g}") for k, v in diffs.items()},
+        "not_judged": sorted(set(diffs) - judged),
+    }
+
+
+def compare(gpu: dict, cpu: dict, nudged_cpu: dict) -> dict:
+    """The GPU's run against the CPU's, with the tolerances the nudged CPU run sets."""
+    spread = after_steps_diffs(nudged_cpu, cpu)
+    tolerance = {k: max(CHECK_RTOL, NOISE_FACTOR * v) for k, v in spread.items()}
+    return {
+        **held(gpu, cpu, tolerance),
+        "tolerance": {k: float(f"{v:.3g}") for k, v in tolerance.items()},
+        "cpu_spread": {k: float(f"{v:.3g}") for k, v in spread.items()},
         "train_losses_gpu": [round(v, 6) for v in gpu["losses"]],
         "train_losses_cpu": [round(v, 6) for v in cpu["losses"]],
         "gpu_first_step_s": round(gpu["first_step_s"], 2),
@@ -198,8 +207,7 @@ def compare(gpu: dict, cpu: dict, others: dict[str, dict]) -> dict:
 
 
 def nudged(host_state):
-    """The state with every float parameter moved by one part in 2**22, up or down at random: the
-    rounding noise a different but correct float32 computation makes. The CPU's spread is measured from it."""
+    """The state with every float parameter scaled by 1 +- NUDGE (a random sign each; zeros stay zero)."""
     rng = np.random.default_rng(0)
 
     def nudge(a):
@@ -212,16 +220,17 @@ def nudged(host_state):
 
 def run_checks(names: list[str], out: dict) -> None:
     cpu = jax.devices("cpu")[0]
-    digits = data.load(data.BUNDLED).train
+    rng = np.random.default_rng(0)
+    n = ARGS.check_batch_size * (ARGS.check_steps + 1)
+    noise = data.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int32))
     out |= {
         "what": "float32, matmul precision highest on both; max |GPU - CPU| / max |CPU|",
-        "tolerance": CHECK_RTOL,
-        "later_tolerance": f"max({CHECK_RTOL}, {NOISE_FACTOR} x cpu_spread)",
+        "tolerance": f"{CHECK_RTOL} for forward figures; max({CHECK_RTOL}, {NOISE_FACTOR} x cpu_spread) after a step",
         "batch_size": ARGS.check_batch_size,
         "steps": ARGS.check_steps,
         "models": {name: {"skipped": "not reached"} for name in names},
     }
-    pending = {}  # name -> (the GPU's run, {source: the CPU run's future}, initial state, step definitions)
+    submitted, pending = [], {}  # pending: name -> (GPU's run, CPU runs' futures, initial state, step definitions)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as cpu_workers:
         for name in names:
             if record := skipped(ARGS.check_budget_s, "--check-budget-s"):
@@ -233,31 +242,41 @@ def run_checks(names: list[str], out: dict) -> None:
                 tx = train.make_optimizer("sgd", 0.01, total_steps=100)
                 host_state = jax.device_get(train.create_train_state(params, batch_stats, tx, seed=0))
                 defs = (train_def, eval_def, tx)
-                starts = {"cpu": host_state, "nudged_weights": nudged(host_state)}
-                runs = {k: cpu_workers.submit(run_steps, cpu, name, s, defs, digits) for k, s in starts.items()}
-                pending[name] = (run_steps(ACCELERATOR, name, host_state, defs, digits), runs, host_state, defs)
+                runs = [
+                    cpu_workers.submit(run_steps, cpu, name, s, defs, noise) for s in (host_state, nudged(host_state))
+                ]
+                submitted += runs
+                pending[name] = (run_steps(ACCELERATOR, name, host_state, defs, noise), runs, host_state, defs)
             except Exception as error:  # noqa: BLE001  one model's failure is recorded, the rest run
                 out["models"][name] = error_record(error)
-        # XLA's own CPU convolutions in place of _lowering's: $JAXCNN_CONV_LOWERING is read when a step is
-        # traced, so it is set only once every other CPU run is done (the GPU takes XLA's either way).
-        concurrent.futures.wait([f for _, runs, _, _ in pending.values() for f in runs.values()])
+        for name, (on_gpu, runs, _, _) in pending.items():  # recorded now, should the deadline come next
+            try:
+                out["models"][name] = compare(on_gpu, *(future.result() for future in runs))
+            except Exception as error:  # noqa: BLE001
+                out["models"][name] = error_record(error)
+        # XLA's CPU convolutions in place of _lowering's. $JAXCNN_CONV_LOWERING is read when a step is traced,
+        # so it is set once every other CPU run is done (setenv while no thread traces); the GPU is idle.
+        concurrent.futures.wait(submitted)
         asked = os.environ.get(_lowering.ENV_VAR)
         os.environ[_lowering.ENV_VAR] = "xla"
         try:
             for name, (_, runs, host_state, defs) in pending.items():
-                runs["xla_convolutions"] = cpu_workers.submit(run_steps, cpu, name, host_state, defs, digits)
-            concurrent.futures.wait([runs["xla_convolutions"] for _, runs, _, _ in pending.values()])
+                record = out["models"][name]
+                if "passed" not in record:
+                    continue
+                try:
+                    with_xla = run_steps(cpu, name, host_state, defs, noise)
+                    tolerance = {k: float(v) for k, v in record["tolerance"].items()}
+                    record["cpu_lowerings_vs_xla"] = held(with_xla, runs[0].result(), tolerance)
+                    record["passed"] = record["passed"] and record["cpu_lowerings_vs_xla"]["passed"]
+                except Exception as error:  # noqa: BLE001
+                    record["cpu_lowerings_vs_xla"] = error_record(error)
+                    record["passed"] = False
         finally:
             if asked is None:
                 del os.environ[_lowering.ENV_VAR]
             else:
                 os.environ[_lowering.ENV_VAR] = asked
-        for name, (on_gpu, runs, _, _) in pending.items():
-            try:
-                results = {source: future.result() for source, future in runs.items()}
-                out["models"][name] = compare(on_gpu, results.pop("cpu"), results)
-            except Exception as error:  # noqa: BLE001
-                out["models"][name] = error_record(error)
     out["all_passed"] = all(r.get("passed", False) for r in out["models"].values())
 
 

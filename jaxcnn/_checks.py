@@ -96,10 +96,10 @@ def positive_number(fn: str, name: str, value) -> float:
     return number
 
 
-def fraction(fn: str, name: str, value) -> float:
-    """A number in [0, 1): a dropout rate."""
-    if not (is_finite_number(value) and 0 <= value < 1):
-        fail(fn, f"{name} must be in [0, 1), got {value!r}")
+def fraction(fn: str, name: str, value, *, closed: bool = False) -> float:
+    """A number in [0, 1) (a dropout rate), or in [0, 1] if `closed` (a momentum)."""
+    if not (is_finite_number(value) and 0 <= value and (value <= 1 if closed else value < 1)):
+        fail(fn, f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
     return float(value)
 
 

@@ -175,9 +175,7 @@ class BatchNorm(nnx.Module):
         fn = "BatchNorm"
         self.num_features = _checks.positive_int(fn, "num_features", num_features)
         self.use_running_average = _checks.boolean(fn, "use_running_average", use_running_average)
-        if not (_checks.is_finite_number(momentum) and 0 <= momentum <= 1):
-            _checks.fail(fn, f"momentum must be in [0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = _checks.fraction(fn, "momentum", momentum, closed=True)
         self.epsilon, self.dtype = _checks.positive_number(fn, "epsilon", epsilon), dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))

@@ -125,7 +125,10 @@ def test_pool_layers():
             lambda: layers.BatchNorm(4, epsilon=0, rngs=nnx.Rngs(0)),
             "BatchNorm: epsilon must be a positive finite number",
         ),
-        (lambda: layers.BatchNorm(4, use_running_average="no", rngs=nnx.Rngs(0)), "use_running_average must be a bool"),
+        (
+            lambda: layers.BatchNorm(4, use_running_average="no", rngs=nnx.Rngs(0)),
+            "BatchNorm: use_running_average must be a bool",
+        ),
     ],
 )
 def test_layers_check_their_arguments_when_built(build, message):

@@ -372,9 +372,10 @@ def test_a_flipped_byte_is_caught_or_never_read(finished, tmp_path):
     hooks = Recorder()
     records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
     said = hooks.messages()
-    if f"checkpoint {workdir / 'checkpoints' / '16'} is damaged" in said:
-        assert "checksums" in said or "Error: " in said, said
-        assert "resuming from step 12" in said
+    damaged = [line for line in said.splitlines() if f"checkpoint {workdir / 'checkpoints' / '16'} is damaged" in line]
+    if damaged:  # the checksums differ, or TensorStore could not read the chunk
+        assert "checksums" in damaged[0] or "Error: " in damaged[0], said
+        assert (workdir / "checkpoints" / "16.damaged").is_dir() and "resuming from step 12" in said
     else:
         assert "resuming from step 16" in said  # the checksums held: the arrays are the ones saved
     assert learned(records) == learned(finished[1])
