@@ -118,6 +118,7 @@ def test_gpu_benchmark_cpu_dry_run():
     out = json.loads(lines[0])
     lenet = out["checks"]["models"]["lenet"]
     assert lenet["passed"] and lenet["logits_rel_diff"] == lenet["init_logits_rel_diff"] == 0
+    assert lenet["first_grads_rel_l2_diff"] == 0 and lenet["cpu_spread"]["first_grads_rel_l2_diff"] > 0
     assert len(lenet["train_losses_gpu"]) == 2 and lenet["not_judged"] == []
     # The nudged run computes something else (the spread is not 0), and so does the CPU with XLA's convolutions:
     # were $JAXCNN_CONV_LOWERING not read, or a trace reused, its logits would be bit-equal to the CPU's.
