@@ -139,8 +139,8 @@ def run_steps(device, name: str, host_state, defs, batches: data.Split) -> dict:
         eval_step = train.make_eval_step(eval_def, mesh, image_size=size)
         forward = jax.jit(lambda p, s, x: nnx.merge(eval_def, p, s)(data.preprocess(x, size)))
         state = jax.device_put(host_state, replicated)
-        images, _ = jax.device_put((batches.images[rows[-1]], batches.labels[rows[-1]]), sharded)
-        init_logits = np.asarray(forward(state.params, state.batch_stats, images))
+        eval_batch = jax.device_put((batches.images[rows[-1]], batches.labels[rows[-1]]), sharded)
+        init_logits = np.asarray(forward(state.params, state.batch_stats, eval_batch[0]))
 
         @jax.jit
         def first_grads(state, images, labels):  # the train step's loss, dropout key included
@@ -160,11 +160,10 @@ def run_steps(device, name: str, host_state, defs, batches: data.Split) -> dict:
             state, totals = step(state, jax.device_put(train.zero_totals(), replicated), images, labels)
             losses.append(float(totals["loss"]) / batch)  # the fetch waits for the step
             first_step_s = first_step_s or time.perf_counter() - start  # compile included
-        images, labels = jax.device_put((batches.images[rows[-1]], batches.labels[rows[-1]]), sharded)
         totals = jax.device_put(train.zero_totals(), replicated)
         mask = jax.device_put(np.ones(batch, bool), sharded)
-        totals = eval_step(state.params, state.batch_stats, totals, images, labels, mask)
-        logits = np.asarray(forward(state.params, state.batch_stats, images))
+        totals = eval_step(state.params, state.batch_stats, totals, *eval_batch, mask)
+        logits = np.asarray(forward(state.params, state.batch_stats, eval_batch[0]))
     return {
         "losses": losses,
         "eval_loss": float(totals["loss"]) / batch,
