@@ -330,8 +330,10 @@ def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.
 
     def conv(xc):  # (C, H, W, chunk) -> (O, Ho, Wo, chunk)
         xp = lax.pad(xc, jnp.zeros((), x.dtype), pads)
-        views = strided_views(xp, (1, kh, kw, 1), (1, sh, sw, 1), (1, dh, dw, 1))
-        patches = jnp.stack(views).reshape(kh * kw * c, ho * wo * xc.shape[3])
+        # Separably, the kw column shifts first, then the kh row shifts of those: kh + kw views, not kh * kw.
+        cols = jnp.stack(strided_views(xp, (1, 1, kw, 1), (1, 1, sw, 1), (1, 1, dw, 1)))  # (kw, C, Hp, Wo, chunk)
+        rows = jnp.stack(strided_views(cols, (1, 1, kh, 1, 1), (1, 1, sh, 1, 1), (1, 1, dh, 1, 1)))
+        patches = rows.reshape(kh * kw * c, ho * wo * xc.shape[3])
         return _matmul(patches.T, w.reshape(kh * kw * c, o), precision).T.reshape(o, ho, wo, xc.shape[3])
 
     to_minor = lambda x, k: x.reshape(-1, k, *x.shape[1:]).transpose(0, 4, 2, 3, 1)  # noqa: E731
