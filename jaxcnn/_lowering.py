@@ -31,8 +31,8 @@ XLA's forward is the faster one and its weight gradient 2-3x slower.
 at stride 2: 16 products per 2x2 output tile where a direct convolution
 makes 36. The tile transforms are additions and halvings, fused; the 16
 products are one batched matrix product. Its input gradient is the same
-algorithm on dY with the flipped kernel; its weight gradient the patch
-product's.
+algorithm on dY with the flipped kernel; its weight gradient the algorithm
+read backwards (16 tile sums, one batched product per chunk).
 
 Max pooling's derivatives (`tiled_max`, `sliced_max`, `windowed_max`) route
 each window's gradient as PyTorch's kernel does, through a reshape or views of
@@ -477,9 +477,8 @@ def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.A
     """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(2x2, 3x3).
 
     Its input gradient is a Winograd convolution too (of dY with the flipped
-    kernel); its weight gradient is the patch product's (`conv2d_matmul`):
-    Winograd's, whose tile sums contract over the long pixel axis, measured
-    2-3x slower (on a busy machine).
+    kernel), its weight gradient `_winograd_weight_grad`: both as written, where
+    autodiff of the forward would transpose its tile gathers into scatter-adds.
     """
     assert winograd_applies(w.shape[:2], stride, dilation), "ops.conv2d checks winograd_applies first"
     return _winograd(x, w, tuple(map(tuple, padding)), precision)
@@ -503,9 +502,7 @@ def _winograd_jvp(padding, precision, primals, tangents):
         input_grad = lambda dy: _winograd_conv(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), precision)  # noqa: E731
         terms.append(jax.linear_transpose(input_grad, y)(dx)[0])
     if not isinstance(dw, SymbolicZero):
-        # The patch product's weight gradient (dY^T @ patches, chunked): see conv2d_winograd.
-        conv = functools.partial(conv2d_matmul, x, stride=(1, 1), padding=padding, dilation=(1, 1), precision=precision)
-        weight_grad = lambda dy: jax.vjp(conv, w)[1](dy)[0]  # noqa: E731
+        weight_grad = lambda dy: _winograd_weight_grad(x, dy, padding, precision, w.dtype)  # noqa: E731
         terms.append(jax.linear_transpose(weight_grad, y)(dw)[0])
     return y, _sum_or_zeros(terms, y)
 
@@ -569,3 +566,34 @@ def _winograd_conv(x, w, padding, precision) -> jax.Array:
     if whole < n:  # the remainder, as one smaller chunk
         ys.append(conv(x[whole:]))
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
+
+
+def _winograd_weight_grad(x, dy, padding, precision, dtype) -> jax.Array:
+    """The weight gradient (3, 3, C, O) for cotangent dy (N, Ho, Wo, O), as F(2x2, 3x3) read backwards:
+    G^T [sum over tiles of (B^T d B) (A dY A^T)] G, the 16 tile sums one batched product per chunk."""
+    n, h, wd, c = x.shape
+    _, ho, wo, o = dy.shape
+    th, tw = -(-ho // 2), -(-wo // 2)
+    if n == 0:
+        return jnp.zeros((3, 3, c, o), dtype)
+
+    def tile_sums(x, dy):  # (16, C, O): each tile's input transform times its 2x2 cotangent taken to 4x4
+        v = _winograd_tiles(x, padding, (ho, wo))
+        dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0), (0, 0, 0)))
+        dyp = dyp.reshape(-1, th, 2, tw, 2, o)
+        rows = _combine([dyp[:, :, p] for p in range(2)], WINOGRAD_AT.T)  # 4 x (n, th, tw, 2, O)
+        dm = jnp.stack([t for r in rows for t in _combine([r[..., q, :] for q in range(2)], WINOGRAD_AT.T)])
+        return lax.dot_general(v, dm.reshape(16, -1, o), (((1,), (1,)), ((0,), (0,))), precision=precision)
+
+    # Chunked as the forward is; the tiles are rebuilt from x (jax.checkpoint) rather than kept.
+    tile_sums = jax.checkpoint(tile_sums)
+    chunk = _divisor_near(n, min(n, max(1, CHUNK_BYTES // (16 * th * tw * c * x.dtype.itemsize))))
+    whole = n // chunk * chunk
+    chunks = lambda a: a[:whole].reshape(-1, chunk, *a.shape[1:])  # noqa: E731
+    du, _ = lax.scan(
+        lambda du, xy: (du + tile_sums(*xy), None), jnp.zeros((16, c, o), dy.dtype), (chunks(x), chunks(dy))
+    )
+    if whole < n:  # the remainder, as one smaller chunk
+        du = du + tile_sums(x[whole:], dy[whole:])
+    dw = jnp.einsum("ia,jb,ijco->abco", WINOGRAD_G, WINOGRAD_G, du.reshape(4, 4, c, o), precision=precision)
+    return dw.astype(dtype)
