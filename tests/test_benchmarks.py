@@ -57,6 +57,16 @@ def test_train_benchmark_quick():
     assert "--optimizer adam" in run["command"]
 
 
+def test_profile_benchmark_quick():
+    lenet = run_benchmark("profile.py")["models"]["lenet@28"]
+    assert lenet["step_ms"] > 0 and lenet["kinds"] and lenet["ops"]
+    # LeNet's step is matrix products among other things, and every listed operation took time.
+    assert {"ynn_fusion", "dot"} & {k["kind"] for k in lenet["kinds"]}
+    assert all(k["ms"] > 0 and k["share"] >= 0 and k["calls"] >= 1 for k in lenet["kinds"] + lenet["ops"])
+    assert sum(k["share"] for k in lenet["kinds"]) > 0.2  # the operations found account for the step's time
+    assert sum(k["calls"] for k in lenet["kinds"]) >= len(lenet["ops"])
+
+
 def test_scaling_benchmark_quick():
     out = run_benchmark("scaling.py")
     lenet = out["scaling"]["lenet@28"]

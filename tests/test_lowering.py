@@ -197,12 +197,12 @@ def test_bfloat16_keeps_its_dtype():
 
 @pytest.mark.parametrize("name, lowering", [("asymmetric", "matmul"), ("3x3_wide", "matmul"), ("3x3_wide", "winograd")])
 def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
-    """Patches (or Winograd tiles) over CHUNK_BYTES are built a few images at a time, in a loop,
-    and rebuilt for the gradient."""
+    """Patches over CHUNK_BYTES (or Winograd tiles over WINOGRAD_CHUNK_BYTES) are built a few images
+    at a time, in a loop, and rebuilt for the gradient."""
     x, w, b, kwargs = case_args(name, seed=3)
     # Bytes of one image's patch matrix, or of its 16 x 2 x 2 transformed tiles of 8 channels.
     per_image = {"asymmetric": 1296, "3x3_wide": 4608 if lowering == "matmul" else 2048}[name]
-    monkeypatch.setattr(_lowering, "CHUNK_BYTES", 3 * per_image)
+    monkeypatch.setattr(_lowering, "WINOGRAD_CHUNK_BYTES" if lowering == "winograd" else "CHUNK_BYTES", 3 * per_image)
     x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering), x.shape, w.shape)
     assert_close(conv(lowering, kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
