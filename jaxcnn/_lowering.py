@@ -592,10 +592,10 @@ def _winograd_weight_grad(x, dy, padding, precision, dtype) -> jax.Array:
         v = _winograd_tiles(x, padding, (ho, wo))
         dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0), (0, 0, 0)))
         dyp = dyp.reshape(-1, th, 2, tw, 2, o)
-        rows = _combine([dyp[:, :, p] for p in range(2)], WINOGRAD_AT.T)  # 4 x (n, th, tw, 2, O)
-        tiles = [_combine([r[..., q, :] for q in range(2)], WINOGRAD_AT.T) for r in rows]  # tiles[i][j]
-        dm = jnp.stack([tiles[i][j] for j in range(4) for i in range(4)])  # as _winograd_tiles orders them
-        return lax.dot_general(v, dm.reshape(16, -1, o), (((1,), (1,)), ((0,), (0,))), precision=precision)
+        # A dY A^T as _winograd_tiles builds B^T d B: two stacks, rows (i) then columns (j), j major.
+        rows = jnp.stack(_combine([dyp[:, :, p] for p in range(2)], WINOGRAD_AT.T))  # (4, n, th, tw, 2, O)
+        dm = jnp.stack(_combine([rows[..., q, :] for q in range(2)], WINOGRAD_AT.T)).reshape(16, -1, o)
+        return lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)
 
     # Chunked as the forward is; the tiles are rebuilt from x (jax.checkpoint) rather than kept.
     tile_sums = jax.checkpoint(tile_sums)
