@@ -58,7 +58,7 @@ def test_train_benchmark_quick():
 
 
 def test_profile_benchmark_quick():
-    lenet = run_benchmark("profile.py")["models"]["lenet@28"]
+    lenet = run_benchmark("step_profile.py")["models"]["lenet@28"]
     assert lenet["step_ms"] > 0 and lenet["kinds"] and lenet["ops"]
     # LeNet's step is matrix products among other things, and every listed operation took time.
     assert {"ynn_fusion", "dot"} & {k["kind"] for k in lenet["kinds"]}

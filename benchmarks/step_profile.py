@@ -7,8 +7,8 @@ Names are the optimized HLO's (`ynn_fusion`: a matrix product by YNNPACK, `dot`:
 `*concatenate*`, `*dynamic-update-slice*`: copies; `while`: a chunk loop). Operations on different
 threads may overlap, so shares can sum past 1. The step is built as a run builds it.
 
-    python benchmarks/profile.py --models resnet18@96 --batch-size 128
-    JAXCNN_CONV_LOWERING=xla python benchmarks/profile.py --models lenet   # XLA's own convolutions
+    python benchmarks/step_profile.py --models resnet18@96 --batch-size 128
+    JAXCNN_CONV_LOWERING=xla python benchmarks/step_profile.py --models lenet   # XLA's own convolutions
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
     if args.batch_size < 1 or args.steps < 1:
         parser.error("--batch-size and --steps must be positive")
     result = {
-        "benchmark": "profile",
+        "benchmark": "step_profile",
         "batch_size": args.batch_size,
         "steps": args.steps,
         "lowering": os.environ.get("JAXCNN_CONV_LOWERING", "auto"),
