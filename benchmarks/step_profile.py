@@ -9,6 +9,9 @@ threads may overlap, so shares can sum past 1. The step is built as a run builds
 
     python benchmarks/step_profile.py --models resnet18@96 --batch-size 128
     JAXCNN_CONV_LOWERING=xla python benchmarks/step_profile.py --models lenet   # XLA's own convolutions
+
+Not named profile.py: a script's directory comes first on sys.path, where the standard library's
+cProfile (which PyTorch imports) would find it in place of its own `profile`.
 """
 
 from __future__ import annotations
