@@ -4,8 +4,9 @@ Prints one JSON object: the step's wall time; the time per step of each kind of 
 name without its number: all `ynn_fusion`s together), and of the --top single operations, each with
 its share of the step's wall time (under the profiler).
 Names are the optimized HLO's (`ynn_fusion`: a matrix product by YNNPACK, `dot`: one by Eigen;
-`*concatenate*`, `*dynamic-update-slice*`: copies; `while`: a chunk loop). Operations on different
-threads may overlap, so shares can sum past 1. The step is built as a run builds it.
+`*concatenate*`, `*dynamic-update-slice*`: copies; `while`: a chunk loop, its own time only). Times
+are self times (a loop's less its body's); operations on XLA's two threads may overlap, so shares
+can sum past 1. The step is built as a run builds it.
 
     python benchmarks/step_profile.py --models resnet18@96 --batch-size 128
     JAXCNN_CONV_LOWERING=xla python benchmarks/step_profile.py --models lenet   # XLA's own convolutions
@@ -20,7 +21,6 @@ import argparse
 import collections
 import gzip
 import json
-import os
 import re
 import tempfile
 import time
@@ -29,22 +29,46 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcnn import train
+from jaxcnn import _lowering, train
 
 from _common import parse_model, setup
 
 
 def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
-    """(microseconds, calls) per HLO operation, from the trace jax.profiler wrote."""
+    """(self microseconds, calls) per HLO operation, from the trace jax.profiler wrote.
+
+    Operations run on XLA's threads ("tf_XLA..."); the runtime's own events there ("Class::method",
+    "end: ...") are skipped. A loop's or call's event spans its body's operations on the same
+    thread, so each event counts its self time: its duration less that of the events it encloses.
+    """
     (path,) = Path(trace_dir).glob("**/*.trace.json.gz")
-    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    # The host's own events: Python's ("$file:line name") and the runtime's ("Class::method").
-    host = {e["tid"] for e in events if e["name"].startswith("$")}
+    with gzip.open(path) as file:
+        events = json.load(file)["traceEvents"]
+    xla_threads = {
+        (e["pid"], e["tid"])
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name" and e["args"]["name"].startswith("tf_XLA")
+    }
+    ops = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and "dur" in e
+        and (e["pid"], e["tid"]) in xla_threads
+        and "::" not in e["name"]
+        and not e["name"].startswith("end: ")
+    ]
     micros, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e["tid"] not in host and "::" not in e["name"] and not e["name"].startswith("end: "):
-            micros[e["name"]] += e["dur"]
-            calls[e["name"]] += 1
+    open_events = {}  # per thread: the events enclosing the current one, innermost last
+    for e in sorted(ops, key=lambda e: (e["ts"], -e["dur"])):
+        stack = open_events.setdefault((e["pid"], e["tid"]), [])
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+            stack.pop()
+        if stack:
+            micros[stack[-1]["name"]] -= e["dur"]
+        micros[e["name"]] += e["dur"]
+        calls[e["name"]] += 1
+        stack.append(e)
     return micros, calls
 
 
@@ -102,16 +126,17 @@ def main() -> None:
     if args.quick:
         args.models, args.batch_size, args.steps = "lenet", 8, 1
     try:
-        specs = [parse_model(spec, parser.prog) for spec in args.models.split(",")]
+        specs = [parse_model(spec, parser.prog) for spec in args.models.split(",") if spec]
+        lowering = _lowering.mode(parser.prog, None)  # a bad $JAXCNN_CONV_LOWERING fails here, not mid-run
     except ValueError as error:
         parser.error(str(error).removeprefix(f"{parser.prog}: "))
-    if args.batch_size < 1 or args.steps < 1:
-        parser.error("--batch-size and --steps must be positive")
+    if not specs or args.batch_size < 1 or args.steps < 1 or args.top < 0:
+        parser.error("--models must name a model, --batch-size and --steps be positive, --top at least 0")
     result = {
         "benchmark": "step_profile",
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "lowering": os.environ.get("JAXCNN_CONV_LOWERING", "auto"),
+        "lowering": lowering,
         "models": {
             f"{name}@{size}": profile(name, size, args.batch_size, args.steps, args.top) for name, size in specs
         },

@@ -203,16 +203,33 @@ def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
     # Bytes of one image's patch matrix, or of its 16 x 2 x 2 transformed tiles of 8 channels.
     per_image = {"asymmetric": 1296, "3x3_wide": 4608 if lowering == "matmul" else 2048}[name]
     monkeypatch.setattr(_lowering, "WINOGRAD_CHUNK_BYTES" if lowering == "winograd" else "CHUNK_BYTES", 3 * per_image)
-    x = np.concatenate([x, x[:1] + 1, -x])  # N = 5: chunks of 3 and a remainder
+    x = np.concatenate([x, x[:1] + 1, -x, 2 * x])  # N = 7: two chunks of 3 (a loop that sums) and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering), x.shape, w.shape)
     assert_close(conv(lowering, kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
 
-    def grads(lowering):
-        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_fn(lowering, kwargs)(x, w))), (0, 1)))(x, w)
+    def grad_fn(lowering):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_fn(lowering, kwargs)(x, w))), (0, 1)))
 
-    for g, h in zip(grads(lowering), grads("xla")):
-        # A weight gradient sums hundreds of products, over 2 or 3 chunks here.
+    assert "while" in grad_fn(lowering).lower(x, w).compile().as_text()  # the gradients loop over chunks too
+    for g, h in zip(grad_fn(lowering)(x, w), grad_fn("xla")(x, w)):
+        # A weight gradient sums hundreds of products, over 3 chunks here.
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_bfloat16_weight_gradient_sums_in_float32(monkeypatch):
+    """bfloat16 in and out, but the weight gradient's tile sums carry float32 from chunk to chunk
+    (bfloat16 keeps 8 bits). Small integers in: the float32 sums are exact, so the gradient is the
+    exact one rounded once to bfloat16."""
+    monkeypatch.setattr(_lowering, "WINOGRAD_CHUNK_BYTES", 2 * 16 * 16 * 8 * 2)  # 2 images a chunk: 16 chunks
+    rng = np.random.default_rng(0)
+    x, dy = rng.integers(0, 4, (32, 8, 8, 8)), rng.integers(0, 4, (32, 8, 8, 4))
+    w = jnp.full((3, 3, 8, 4), 0.5, jnp.bfloat16)
+    conv_bf16 = functools.partial(conv_fn("winograd", dict(padding=1)), jnp.asarray(x, jnp.bfloat16))
+    dw = jax.vjp(conv_bf16, w)[1](jnp.asarray(dy, jnp.bfloat16))[0]
+    assert dw.dtype == jnp.bfloat16
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.array([[np.einsum("nijc,nijo->co", xp[:, a : a + 8, b : b + 8], dy) for b in range(3)] for a in range(3)])
+    np.testing.assert_array_equal(np.float32(dw), np.float32(jnp.asarray(want, jnp.bfloat16)))
 
 
 @pytest.mark.parametrize(
