@@ -65,6 +65,14 @@ def compiled_hlo(f, *shapes):
     return jax.jit(f).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().as_text()
 
 
+def weight_grad_3x3_same(x, dy) -> np.ndarray:
+    """The float64 weight gradient of a 3x3, stride-1, padding-1 convolution: dW[a, b] sums, over
+    images and outputs, the padded input's view at tap (a, b) times dY."""
+    h, w = x.shape[1:3]
+    xp = np.pad(np.float64(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return np.array([[np.einsum("nijc,nijo->co", xp[:, a : a + h, b : b + w], dy) for b in range(3)] for a in range(3)])
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_values_equal_xla_and_twin(name):
     x, w, b, kwargs = case_args(name)
@@ -227,8 +235,7 @@ def test_winograd_bfloat16_weight_gradient_sums_in_float32(monkeypatch):
     conv_bf16 = functools.partial(conv_fn("winograd", dict(padding=1)), jnp.asarray(x, jnp.bfloat16))
     dw = jax.vjp(conv_bf16, w)[1](jnp.asarray(dy, jnp.bfloat16))[0]
     assert dw.dtype == jnp.bfloat16
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want = np.array([[np.einsum("nijc,nijo->co", xp[:, a : a + 8, b : b + 8], dy) for b in range(3)] for a in range(3)])
+    want = weight_grad_3x3_same(x, dy)
     np.testing.assert_array_equal(np.float32(dw), np.float32(jnp.asarray(want, jnp.bfloat16)))
 
 
@@ -283,11 +290,7 @@ def test_winograd_float32_error_is_the_direct_sums():
     rng = np.random.default_rng(5)
     x, w, dy = rng.normal(size=(2, 9, 9, 64)), rng.normal(size=(3, 3, 64, 8)), rng.normal(size=(2, 9, 9, 8))
     want = reference.conv2d(x, w, padding=1)
-    # dW[a, b] = sum over images and outputs of the padded input's view at tap (a, b) times dY, in float64.
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want_dw = np.array(
-        [[np.einsum("nijc,nijo->co", xp[:, a : a + 9, b : b + 9], dy) for b in range(3)] for a in range(3)]
-    )
+    want_dw = weight_grad_3x3_same(x, dy)
     err, err_dw = {}, {}
     for lowering in ("winograd", "xla"):
         y, vjp = jax.vjp(conv_fn(lowering, dict(padding=1)), np.float32(x), np.float32(w))
