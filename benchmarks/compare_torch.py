@@ -168,7 +168,11 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: floa
     Each sample times enough back-to-back calls to last about sample_s, and
     the fns take turns sample by sample. Idle worker threads of either
     library sleep, and on this VM waking them costs up to ~10 ms: a single
-    short call after the other library's turn would mostly time that.
+    short call after the other library's turn would mostly time that. Each
+    turn also starts with one untimed call, as a training loop's steps follow
+    one another: the first call after the other library's turn touches memory
+    the other freed, and its page faults cost about 3x the steady state's (a
+    ResNet-18 step at 96 px, batch 256: 5 s of system time, not 1.3; AMD EPYC VM).
     """
     calls = {}
     for name, fn in fns.items():
@@ -183,6 +187,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, sample_s: floa
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()  # settles this library's memory and threads after the other's turn
             times[name].append(seconds(functools.partial(back_to_back, fn, calls[name])) / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
