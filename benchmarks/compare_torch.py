@@ -1,6 +1,6 @@
 """jaxcnn against PyTorch eager on CPU: train steps and every ResNet-18 conv. Prints one JSON object.
 
-    python benchmarks/compare_torch.py [--lowering auto|xla|matmul|winograd] [--models lenet,resnet18_32,resnet18_96]
+    python benchmarks/compare_torch.py [--lowering LOWERING] [--models lenet,resnet18_32,resnet18_96]
 
 Needs the `bench` extra (pip install torch==2.13.0: the CPU wheel). Both run on
 the same --threads cores (the process is pinned to them; torch.set_num_threads)
@@ -16,11 +16,12 @@ with the same batch, shapes and plain SGD:
           which sees the data) of `ops.conv2d` and F.conv2d, with GFLOP/s and
           the fraction of the matrix-product peak (a large jnp.dot) they reach.
 Times are medians over --repeats after warm-up, jaxcnn and torch taking turns
-(each turn about a quarter second of back-to-back calls) so a busy machine
+(each turn one untimed call, then about a quarter second of back-to-back calls) so a busy machine
 slows both alike; each model and each conv size runs in a fresh process of
 its own. ratio = jaxcnn images/s / torch images/s, and
 torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
-(or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain.
+(or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain,
+"tune" first times each lowering on each conv shape not yet measured here.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
     parser.add_argument(
         "--lowering",
-        choices=["auto", "xla", "matmul", "winograd"],
+        choices=["auto", "tune", "xla", "matmul", "winograd"],
         default=None,
         help="default: $JAXCNN_CONV_LOWERING or auto",
     )
@@ -324,13 +325,15 @@ def bench_convs(args, peak: float) -> list:
         for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
             ho = (h + 2 * padding - k) // stride + 1
             # What conv2d runs: "winograd" takes "auto"'s choice where it does not apply.
-            auto = lowering == "auto" or (
+            chosen = lowering in ("auto", "tune") or (
                 lowering == "winograd" and not _lowering.winograd_applies((k, k), (stride,) * 2, (1, 1))
             )
-            row = {"image_size": size, "conv": name, "x": [args.batch_size, h, h, c], "w": [k, k, c, o],
+            x_shape, w_shape = (args.batch_size, h, h, c), (k, k, c, o)
+            row = {"image_size": size, "conv": name, "x": list(x_shape), "w": list(w_shape),
                    "stride": stride, "padding": padding, "output_hw": ho,
-                   "lowering": _lowering.auto_choice(args.batch_size, c, (k, k), (stride, stride), (ho, ho))
-                   if auto else lowering}  # fmt: skip
+                   "lowering": _lowering.cpu_choice(lowering, x_shape, w_shape, np.float32, (stride, stride),
+                                                    ((padding, padding),) * 2, (1, 1), (ho, ho))
+                   if chosen else lowering}  # fmt: skip
             row |= bench_conv(args.batch_size, h, c, o, k, stride, padding, name != "stem", args.repeats)
             for key in [k for k in row if k.endswith("_gflops")]:
                 row[key.replace("_gflops", "_peak_fraction")] = round(row[key] / peak, 3)

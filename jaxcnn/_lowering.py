@@ -40,12 +40,24 @@ the input rather than select-and-scatter.
 
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
 with `lax.platform_dependent`, resolved when lowered for the devices.
+
+`auto_choice`'s thresholds were measured on two machines. "tune" times every
+lowering that applies on the machine at hand, once per convolution shape, and
+keeps the fastest in a JSON file ($JAXCNN_TUNE_CACHE, default
+~/.cache/jaxcnn/conv_lowerings.json) under the machine's name; "auto" then takes
+what was measured there for a shape, and the thresholds for shapes never measured.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +65,14 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-LOWERINGS = ("auto", "xla", "matmul", "winograd")
+LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd")
 ENV_VAR = "JAXCNN_CONV_LOWERING"
+TUNE_CACHE_ENV = "JAXCNN_TUNE_CACHE"
+# Timed calls per lowering when tuning (after one that compiles); the fastest counts.
+TUNE_REPEATS = 3
+# Inputs of at most this many channels are taken for images (a first layer): tuning times their
+# forward pass and weight gradient only, as a train step needs no gradient for the data.
+IMAGE_CHANNELS = 3
 
 # Bytes of patch matrix per chunk of images: a few MiB stay in cache and in
 # pages the runtime already touched.
@@ -120,6 +138,112 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
             "winograd" if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS else "matmul"
         )
     return "xla"
+
+
+def cpu_choice(how: str, x_shape, w_shape, dtype, stride, padding, dilation, out_hw) -> str:
+    """The lowering "auto" (or "tune") takes on CPU for x (N, H, W, C) and w (kh, kw, C, O):
+    the one measured fastest for this shape on this machine if there is one, else `auto_choice`'s.
+    "tune" measures a shape never measured (once: the fastest is cached), when the default backend
+    is the CPU; "auto" never measures."""
+    key = _shape_key(x_shape, w_shape, dtype, stride, padding, dilation)
+    path = tune_cache_path()
+    entry = _read_cache(path).get(machine(), {}).get(key)
+    if not (isinstance(entry, dict) and entry.get("choice") in CPU_CONVS):
+        entry = None  # never measured here (or written by hand wrongly): measured again or thresholds
+    if entry is None and how == "tune" and jax.default_backend() == "cpu":
+        candidates = [name for name in CPU_CONVS if name != "winograd"]
+        if winograd_applies(w_shape[:2], stride, dilation):
+            candidates.append("winograd")
+        (n, _, _, c), (kh, kw, _, _) = x_shape, w_shape
+        if np.dtype(dtype).itemsize * kh * kw * c * n * out_hw[0] * out_hw[1] > MAX_XLA_FORWARD_PATCH_BYTES:
+            candidates.remove("xla_forward")  # it keeps the whole patch matrix
+        y_shape = (n, *out_hw, w_shape[3])
+        ms = _time_lowerings(candidates, x_shape, w_shape, y_shape, dtype, stride, padding, dilation)
+        entry = {"choice": min(ms, key=ms.get), "ms": ms}
+        _write_entry(path, key, entry)
+    if entry is not None:
+        return entry["choice"]
+    return auto_choice(x_shape[0], x_shape[3], tuple(w_shape[:2]), stride, out_hw, dilation)
+
+
+def tune_cache_path() -> Path:
+    """Where "tune" keeps its measurements: $JAXCNN_TUNE_CACHE, else ~/.cache/jaxcnn/conv_lowerings.json."""
+    return Path(os.environ.get(TUNE_CACHE_ENV) or Path.home() / ".cache" / "jaxcnn" / "conv_lowerings.json")
+
+
+def machine() -> str:
+    """The machine timings hold for: its CPU model, the cores this process may use, and jaxlib's version."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{_cpu_model()}, {cores} cores, jaxlib {jax.lib.__version__}"
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        return platform.processor() or platform.machine()
+
+
+def _shape_key(x_shape, w_shape, dtype, stride, padding, dilation) -> str:
+    (top, bottom), (left, right) = padding
+    return (
+        f"x {'x'.join(map(str, x_shape))} w {'x'.join(map(str, w_shape))} {np.dtype(dtype).name} "
+        f"stride {stride[0]},{stride[1]} pad {top},{bottom},{left},{right} dilation {dilation[0]},{dilation[1]}"
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    """The cache's {machine: {shape: {"choice", "ms"}}}; empty if there is none or it is damaged
+    (then "tune" measures again and writes a whole new file)."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_entry(path: Path, key: str, entry: dict) -> None:
+    """Adds one measurement to the cache as a whole new file (written aside, then renamed over the
+    old one: a reader sees the old file or the new, never half of one). A cache that cannot be
+    written costs a warning and a measurement next time, not the run."""
+    cache = _read_cache(path)
+    here = cache.get(machine())
+    cache[machine()] = {**(here if isinstance(here, dict) else {}), key: entry}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError as error:
+        warnings.warn(f"conv2d: could not write the tuning cache {path}: {error}", stacklevel=3)
+
+
+def _time_lowerings(candidates, x_shape, w_shape, y_shape, dtype, stride, padding, dilation) -> dict[str, float]:
+    """Milliseconds of each candidate's forward and backward pass on random data, for a random cotangent
+    as a layer gets from the next (the gradients of x and w; of w alone for images, IMAGE_CHANNELS):
+    the fastest of TUNE_REPEATS calls after one that compiles, the candidates taking turns."""
+    wrt = (1,) if x_shape[3] <= IMAGE_CHANNELS else (0, 1)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, y_shape)]
+    steps = {}
+    for name in candidates:
+        conv = functools.partial(CPU_CONVS[name], stride=stride, padding=padding, dilation=dilation)
+        loss = lambda x, w, dy, conv=conv: jnp.vdot(conv(x, w), dy)  # noqa: E731
+        steps[name] = jax.jit(jax.grad(loss, argnums=wrt))
+    times = {name: [] for name in candidates}
+    # Run now, also while a caller's function is being traced, and with the data's transfers allowed.
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
+        data = [jnp.asarray(a) for a in data]
+        for step in steps.values():
+            jax.block_until_ready(step(*data))
+        for _ in range(TUNE_REPEATS):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                jax.block_until_ready(step(*data))
+                times[name].append(time.perf_counter() - start)
+    return {name: round(1e3 * min(t), 3) for name, t in times.items()}
 
 
 def strided_views(xp, window, strides, dilation=None) -> list[jax.Array]:
@@ -612,3 +736,17 @@ def _winograd_weight_grad(x, dy, padding, precision) -> jax.Array:
         du = du + tile_sums(x[whole:], dy[whole:])
     dw = jnp.einsum("ia,jb,jico->abco", WINOGRAD_G, WINOGRAD_G, du.reshape(4, 4, c, o), precision=precision)
     return dw.astype(dy.dtype)
+
+
+def conv2d_xla(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
+    """x (N, H, W, C), w (kh, kw, C, O) -> (N, Ho, Wo, O): XLA's convolution, as the others are called."""
+    return _xla_conv(x, w, stride, padding, dilation, precision)
+
+
+# The CPU lowerings "auto" and "tune" choose among, by name; all NHWC, groups=1.
+CPU_CONVS = {
+    "xla": conv2d_xla,
+    "matmul": conv2d_matmul,
+    "xla_forward": conv2d_xla_forward,
+    "winograd": conv2d_winograd,
+}

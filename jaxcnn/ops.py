@@ -235,14 +235,12 @@ def conv2d(
         y = nhwc(_lowering.conv2d_winograd)(x, w)
     else:
         out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
-        choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw, dilation)
-        cpu = {
-            "matmul": _lowering.conv2d_matmul,
-            "xla_forward": _lowering.conv2d_xla_forward,
-            "winograd": _lowering.conv2d_winograd,
-        }.get(choice)
+        choice = _lowering.cpu_choice(
+            how, (x.shape[0], h, wd, c), (kh, kw, cin, cout), dtype, stride, pads, dilation, out_hw
+        )
         # Resolved when lowered: the choice on CPU, XLA's convolution elsewhere.
-        y = xla(x, w) if cpu is None else lax.platform_dependent(x, w, cpu=nhwc(cpu), default=xla)
+        cpu = nhwc(_lowering.CPU_CONVS[choice])
+        y = xla(x, w) if choice == "xla" else lax.platform_dependent(x, w, cpu=cpu, default=xla)
     if b is not None:
         y = y + (b if layout == "NHWC" else b[:, None, None])
     return y

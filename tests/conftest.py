@@ -8,10 +8,18 @@ shape is a fresh XLA compile.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import settings
+
+from jaxcnn import _lowering
+
+# Conv tunings measured by tests go to a scratch file of this process, never to the user's cache
+# (whose measurements would change "auto"'s choices, and which the tests must not write).
+os.environ[_lowering.TUNE_CACHE_ENV] = str(Path(tempfile.mkdtemp(prefix="jaxcnn-tune-")) / "conv_lowerings.json")
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
 settings.register_profile("dev", deadline=None)

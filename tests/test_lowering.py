@@ -2,6 +2,7 @@
 values, gradients, which lowering each shape gets, and the switch."""
 
 import functools
+import json
 
 import chex
 import jax
@@ -77,7 +78,8 @@ def weight_grad_3x3_same(x, dy) -> np.ndarray:
 def test_values_equal_xla_and_twin(name):
     x, w, b, kwargs = case_args(name)
     want = reference.conv2d(x, w, b, **kwargs)
-    ys = {lowering: conv(lowering, kwargs)(x, w, b) for lowering in _lowering.LOWERINGS}
+    # "tune" is "auto" with measured choices (test_tune_*): timing every case here would cost a minute.
+    ys = {lowering: conv(lowering, kwargs)(x, w, b) for lowering in _lowering.LOWERINGS if lowering != "tune"}
     for lowering, y in ys.items():
         chex.assert_shape(y, want.shape)
         assert_close(y, want, err_msg=lowering)
@@ -178,6 +180,67 @@ def test_empty_batch(channels, lowering):  # plain patches, Winograd tiles
     chex.assert_shape(ops.conv2d(x, w, padding=1, lowering=lowering), (0, 5, 5, 4))
     dw = jax.grad(lambda w: ops.conv2d(x, w, padding=1, lowering=lowering).sum())(w)
     np.testing.assert_array_equal(dw, np.zeros_like(w))  # no images, no gradient
+
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    """A fresh, not yet written tuning cache."""
+    path = tmp_path / "tuning" / "conv_lowerings.json"
+    monkeypatch.setenv(_lowering.TUNE_CACHE_ENV, str(path))
+    return path
+
+
+def test_tune_times_each_lowering_once_and_auto_follows(tune_cache, monkeypatch):
+    x, w, b, kwargs = case_args("3x3_odd_uneven")  # every CPU lowering applies, Winograd's too
+    want = reference.conv2d(x, w, b, **kwargs)
+    assert_close(conv("tune", kwargs)(x, w, b), want)
+    (measured,) = json.loads(tune_cache.read_text()).values()  # one machine
+    (entry,) = measured.values()  # one shape
+    assert set(entry["ms"]) == {"xla", "matmul", "xla_forward", "winograd"}
+    assert all(ms > 0 for ms in entry["ms"].values())
+    assert entry["choice"] == min(entry["ms"], key=entry["ms"].get)
+    # Measured once: in fresh traces neither "tune" nor "auto" times this shape again.
+    monkeypatch.setattr(_lowering, "_time_lowerings", lambda *args: pytest.fail("timed twice"))
+    for lowering in ("tune", "auto"):
+        assert_close(conv(lowering, kwargs)(x, w, b), want, err_msg=lowering)
+
+
+def test_auto_takes_what_was_measured_on_this_machine(tune_cache):
+    shapes = (2, 2, 2, 8), (3, 3, 8, 4)  # a map of 4 pixels: the thresholds take the product
+
+    def hlo():  # a fresh function each time: jit caches a traced function, lowering and all
+        return compiled_hlo(functools.partial(ops.conv2d, padding=1), *shapes)
+
+    def write(text):
+        tune_cache.parent.mkdir(exist_ok=True)
+        tune_cache.write_text(text)
+
+    key = _lowering._shape_key(*shapes, np.float32, (1, 1), ((1, 1), (1, 1)), (1, 1))
+    measured = lambda machine, choice: json.dumps({machine: {key: {"choice": choice, "ms": {}}}})  # noqa: E731
+    assert "convolution(" not in hlo()
+    write(measured(_lowering.machine(), "xla"))
+    assert "convolution(" in hlo()
+    # Another machine's timings, a damaged file and an unknown choice all leave the thresholds' choice.
+    for text in (measured("another machine", "xla"), '{"half a file', "[]", measured(_lowering.machine(), "fast")):
+        write(text)
+        assert "convolution(" not in hlo(), text
+
+
+def test_tune_replaces_a_damaged_cache_and_survives_an_unwritable_one(tune_cache, tmp_path, monkeypatch):
+    x, w, b, kwargs = case_args("1x1_strided")
+    want = reference.conv2d(x, w, b, **kwargs)
+    tune_cache.parent.mkdir()
+    tune_cache.write_text('{"half a file')
+    assert_close(conv("tune", kwargs)(x, w, b), want)
+    cache = json.loads(tune_cache.read_text())
+    assert list(cache) == [_lowering.machine()]
+    (entry,) = cache[_lowering.machine()].values()
+    assert set(entry["ms"]) == {"xla", "matmul", "xla_forward"}  # no Winograd for a strided 1x1
+    assert list(tune_cache.parent.iterdir()) == [tune_cache]  # no temporary file left behind
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(_lowering.TUNE_CACHE_ENV, str(tmp_path / "a_file" / "conv_lowerings.json"))
+    with pytest.warns(UserWarning, match=r"^conv2d: could not write the tuning cache .*a_file"):
+        assert_close(conv("tune", kwargs)(x, w, b), want)
 
 
 def test_bad_lowering(monkeypatch):
