@@ -54,7 +54,6 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from jaxcnn import _files
 
 LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd")
 ENV_VAR = "JAXCNN_CONV_LOWERING"
@@ -197,25 +198,19 @@ def _shape_key(x_shape, w_shape, dtype, stride, padding, dilation) -> str:
 def _read_cache(path: Path) -> dict:
     """The cache's {machine: {shape: {"choice", "ms"}}}; empty if there is none or it is damaged
     (then "tune" measures again and writes a whole new file)."""
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    cache = _files.read_json(path)
     return cache if isinstance(cache, dict) else {}
 
 
 def _write_entry(path: Path, key: str, entry: dict) -> None:
-    """Adds one measurement to the cache as a whole new file (written aside, then renamed over the
-    old one: a reader sees the old file or the new, never half of one). A cache that cannot be
-    written costs a warning and a measurement next time, not the run."""
+    """Adds one measurement to the cache, a whole new file. A cache that cannot be written costs
+    a warning and a measurement next time, not the run."""
     cache = _read_cache(path)
     here = cache.get(machine())
     cache[machine()] = {**(here if isinstance(here, dict) else {}), key: entry}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            json.dump(cache, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
+        _files.write_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     except OSError as error:
         warnings.warn(f"conv2d: could not write the tuning cache {path}: {error}", stacklevel=3)
 

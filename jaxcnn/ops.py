@@ -147,7 +147,7 @@ def conv2d(
     b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
     (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
 
-    lowering: "auto", "xla", "matmul" or "winograd"; None reads $JAXCNN_CONV_LOWERING
+    lowering: "auto", "tune", "xla", "matmul" or "winograd"; None reads $JAXCNN_CONV_LOWERING
     when conv2d runs or is traced (a jitted function keeps the lowering it
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
@@ -159,8 +159,11 @@ def conv2d(
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
     with a product for the weight gradient on strided kernels over few
     channels (a stem), and XLA's convolution for the rest; XLA's convolution
-    on GPU and TPU. Grouped convolutions always use XLA's. All give the same
-    values and gradients within float rounding; "xla" measures the gain.
+    on GPU and TPU. Where this machine has timed the shape, "auto" takes the
+    fastest instead: "tune" times each CPU lowering on a shape never timed
+    here, once, when traced, and caches the fastest (`_lowering.cpu_choice`).
+    Grouped convolutions always use XLA's. All give the same values and
+    gradients within float rounding; "xla" measures the gain.
     """
     fn = "conv2d"
     _checks.one_of(fn, "layout", layout, LAYOUTS)

@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import _checks, checkpoint, data, models, train
+from jaxcnn import _checks, _files, checkpoint, data, models, train
 
 DTYPES = ("float32", "bfloat16")
 # On these platforms a training set of up to DEVICE_DATA_BYTES lives on the devices, and each step's batch
@@ -405,7 +405,7 @@ def train_and_evaluate(config: RunConfig, workdir, *, resume: bool = False, hook
                 hooks.on_message(f"built {config.model}: {effective['num_params']:,} parameters in {seconds:.1f} s")
             restored = _restore(mngr, trainer, effective, hooks) if resume else None
             if is_writer:
-                _write_atomic(workdir / "config.json", json.dumps(effective, indent=2) + "\n")
+                _files.write_atomic(workdir / "config.json", json.dumps(effective, indent=2) + "\n")
             records = _Run(config, effective, workdir, dataset, trainer, mngr, hooks).loop(restored)
             checkpoint.close(mngr)
             return records
@@ -479,7 +479,7 @@ def _run_id(workdir: Path, mngr, effective: dict, resume: bool) -> str:
 
 def _previous_run_id(workdir: Path, mngr, effective: dict) -> str | None:
     """The id of the run being resumed, after checking that it had these settings (None: no run to resume)."""
-    saved = _read_json(workdir / "config.json")
+    saved = _files.read_json(workdir / "config.json")
     if not (isinstance(saved, dict) and saved.get("run_id")):  # lost or damaged: the checkpoints keep a copy
         saved = checkpoint.latest_meta(mngr).get("config")
     if not (isinstance(saved, dict) and saved.get("run_id")):
@@ -776,7 +776,7 @@ class _Writer:
         self.epoch(history, plot=bool(history))
         steps = self.workdir / "steps.jsonl"
         kept = [r for r in _read_jsonl(steps) if r.get("step", math.inf) <= resumed_at]
-        _write_atomic(steps, "".join(json.dumps(r) + "\n" for r in kept))
+        _files.write_atomic(steps, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
         # purge_step: TensorBoard drops what an earlier, interrupted attempt logged past the checkpoint.
@@ -789,7 +789,7 @@ class _Writer:
             self.tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
 
     def epoch(self, history: list[dict], plot: bool = True) -> None:
-        _write_atomic(self.workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        _files.write_atomic(self.workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if history and self.tensorboard:
             record = history[-1]
             for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "images_per_sec"):
@@ -837,7 +837,7 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     acc_ax.set_ylim(0, 1)
     fig.suptitle(title, fontsize=10)
     buffer = _png_bytes(fig)
-    _write_atomic(path, buffer)
+    _files.write_atomic(path, buffer)
 
 
 def _png_bytes(fig) -> bytes:
@@ -850,23 +850,6 @@ def _png_bytes(fig) -> bytes:
 
 # --------------------------------------------------------------------------
 # Files.
-
-
-def _write_atomic(path: Path, content: str | bytes) -> None:
-    """Replace `path` with `content` so that a reader (or a kill) sees the old file or the new, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcnn import checkpoint, run
+from jaxcnn import _files, checkpoint, run
 from jaxcnn.run import RunConfig
 
 # Eight train steps and two eval batches per epoch, as test_runner's TINY.
@@ -495,14 +495,14 @@ def test_a_model_that_cannot_be_built_is_a_usage_error(tmp_path, changes, messag
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
-    write = run._write_atomic
+    write = _files.write_atomic
 
     def full(path, content):
         if path.name == "metrics.jsonl" and content:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write(path, content)
 
-    monkeypatch.setattr(run, "_write_atomic", full)
+    monkeypatch.setattr(_files, "write_atomic", full)
     workdir = tmp_path / "run"
     with pytest.raises(run.StorageError) as error:
         run.train_and_evaluate(tiny(epochs=2), workdir)
