@@ -50,10 +50,14 @@ what was measured there for a shape, and the thresholds for shapes never measure
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
+import math
 import os
 import platform
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -71,6 +75,8 @@ ENV_VAR = "JAXCNN_CONV_LOWERING"
 TUNE_CACHE_ENV = "JAXCNN_TUNE_CACHE"
 # Timed calls per lowering when tuning (after one that compiles); the fastest counts.
 TUNE_REPEATS = 3
+# A timed lowering replaces the thresholds' choice when it is faster by more than this factor.
+TUNE_MARGIN = 1.05
 # Inputs of at most this many channels are taken for images (a first layer): tuning times their
 # forward pass and weight gradient only, as a train step needs no gradient for the data.
 IMAGE_CHANNELS = 3
@@ -110,7 +116,8 @@ def mode(fn: str, lowering: str | None) -> str:
 
 
 def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(1, 1)) -> str:
-    """What "auto" computes on CPU (groups=1), from measurements on 2-core AVX-512 machines:
+    """What "auto" computes on CPU (groups=1) for a shape this machine has not timed ("tune"),
+    from measurements on 2-core AVX-512 machines:
 
     "winograd"     3x3 stride-1 undilated kernels on maps larger than 4x4 with at least 64 input
                    channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
@@ -132,8 +139,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     if channels < MIN_CHANNELS:
         if stride == (1, 1):
             return "matmul"
-        patch_bytes = 4 * kernel_hw[0] * kernel_hw[1] * channels * batch * out_hw[0] * out_hw[1]
-        return "xla_forward" if patch_bytes <= MAX_XLA_FORWARD_PATCH_BYTES else "xla"
+        return "xla_forward" if _xla_forward_fits(batch, channels, kernel_hw, out_hw, 4) else "xla"
     if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
         return (
             "winograd" if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS else "matmul"
@@ -141,35 +147,73 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     return "xla"
 
 
+def _xla_forward_fits(batch, channels, kernel_hw, out_hw, itemsize) -> bool:
+    """Whether "xla_forward"'s patch matrix, built whole and kept for the backward pass, fits its budget."""
+    patch_bytes = itemsize * kernel_hw[0] * kernel_hw[1] * channels * batch * out_hw[0] * out_hw[1]
+    return patch_bytes <= MAX_XLA_FORWARD_PATCH_BYTES
+
+
 def cpu_choice(how: str, x_shape, w_shape, dtype, stride, padding, dilation, out_hw) -> str:
-    """The lowering "auto" (or "tune") takes on CPU for x (N, H, W, C) and w (kh, kw, C, O):
-    the one measured fastest for this shape on this machine if there is one, else `auto_choice`'s.
-    "tune" measures a shape never measured (once: the fastest is cached), when the default backend
-    is the CPU; "auto" never measures."""
-    key = _shape_key(x_shape, w_shape, dtype, stride, padding, dilation)
-    path = tune_cache_path()
-    entry = _read_cache(path).get(machine(), {}).get(key)
-    if not (isinstance(entry, dict) and entry.get("choice") in CPU_CONVS):
-        entry = None  # never measured here (or written by hand wrongly): measured again or thresholds
-    if entry is None and how == "tune" and jax.default_backend() == "cpu":
-        candidates = [name for name in CPU_CONVS if name != "winograd"]
-        if winograd_applies(w_shape[:2], stride, dilation):
-            candidates.append("winograd")
-        (n, _, _, c), (kh, kw, _, _) = x_shape, w_shape
-        if np.dtype(dtype).itemsize * kh * kw * c * n * out_hw[0] * out_hw[1] > MAX_XLA_FORWARD_PATCH_BYTES:
-            candidates.remove("xla_forward")  # it keeps the whole patch matrix
-        y_shape = (n, *out_hw, w_shape[3])
-        ms = _time_lowerings(candidates, x_shape, w_shape, y_shape, dtype, stride, padding, dilation)
-        entry = {"choice": min(ms, key=ms.get), "ms": ms}
-        _write_entry(path, key, entry)
-    if entry is not None:
-        return entry["choice"]
-    return auto_choice(x_shape[0], x_shape[3], tuple(w_shape[:2]), stride, out_hw, dilation)
+    """The lowering "auto" (or "tune") takes on CPU for x (N, H, W, C) and w (kh, kw, C, O): the one
+    timed fastest for this shape on this machine if it was timed, else `auto_choice`'s.
+
+    "tune" times a shape never timed here, once, and caches the result: when the default backend
+    is the CPU, in a single process (several would each choose for themselves, and could compile
+    different programs), and not while `untuned` (shape-only traces). "auto" never times.
+    """
+    n, _, _, c = x_shape
+    thresholds = auto_choice(n, c, tuple(w_shape[:2]), stride, out_hw, dilation)
+    if jax.process_count() > 1:
+        return thresholds
+    candidates = _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw)
+    key, path = _shape_key(x_shape, w_shape, dtype, stride, padding, dilation), tune_cache_path()
+    ms = _measured(path, key)
+    if ms is None and how == "tune" and jax.default_backend() == "cpu" and not _UNTUNED.get():
+        ms = _time_lowerings(candidates, x_shape, w_shape, (n, *out_hw, w_shape[3]), dtype, stride, padding, dilation)
+        _record(path, key, ms)
+    timed = isinstance(ms, dict) and ms and set(ms) <= set(candidates)
+    if not (timed and all(isinstance(t, (int, float)) for t in ms.values())):  # untimed, or a damaged entry
+        return thresholds
+    fastest = min(ms, key=ms.get)
+    # The thresholds' choice stands unless another is clearly faster: timings vary by a few percent.
+    return thresholds if ms.get(thresholds, math.inf) <= TUNE_MARGIN * ms[fastest] else fastest
+
+
+# Set while a model is traced for its shapes alone (analysis): nothing runs, so nothing is worth timing.
+_UNTUNED = contextvars.ContextVar("untuned", default=False)
+
+
+@contextlib.contextmanager
+def untuned():
+    """Within this block "tune" acts as "auto": for traces that only want shapes (jax.eval_shape)."""
+    token = _UNTUNED.set(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.reset(token)
+
+
+def _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw) -> list[str]:
+    """The CPU lowerings that compute this convolution, and "xla_forward" only while its patches fit."""
+    (n, _, _, c), kernel_hw = x_shape, tuple(w_shape[:2])
+    return [
+        name
+        for name in CPU_CONVS
+        if (name != "winograd" or winograd_applies(kernel_hw, stride, dilation))
+        and (name != "xla_forward" or _xla_forward_fits(n, c, kernel_hw, out_hw, np.dtype(dtype).itemsize))
+    ]
 
 
 def tune_cache_path() -> Path:
-    """Where "tune" keeps its measurements: $JAXCNN_TUNE_CACHE, else ~/.cache/jaxcnn/conv_lowerings.json."""
-    return Path(os.environ.get(TUNE_CACHE_ENV) or Path.home() / ".cache" / "jaxcnn" / "conv_lowerings.json")
+    """Where "tune" keeps its timings: $JAXCNN_TUNE_CACHE, else jaxcnn/conv_lowerings.json under
+    $XDG_CACHE_HOME or ~/.cache. Deleting the file forgets them."""
+    if os.environ.get(TUNE_CACHE_ENV):
+        return Path(os.environ[TUNE_CACHE_ENV])
+    try:
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory: a cache nobody will find, never written
+        cache_home = Path(tempfile.gettempdir()) / f"jaxcnn-{os.getpid()}"
+    return cache_home / "jaxcnn" / "conv_lowerings.json"
 
 
 def machine() -> str:
@@ -180,11 +224,17 @@ def machine() -> str:
 
 @functools.cache
 def _cpu_model() -> str:
+    """x86 Linux's model name; on ARM Linux the implementer and part numbers; else what platform knows."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):  # not Linux
-        return platform.processor() or platform.machine()
+            fields = dict(line.split(":", 1) for line in info if ":" in line)
+    except OSError:  # not Linux
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "model name" in fields:
+        return fields["model name"]
+    arm = [f"{k} {fields[k]}" for k in ("CPU implementer", "CPU part") if k in fields]
+    return " ".join([platform.machine(), *arm]) if arm else (platform.processor() or platform.machine())
 
 
 def _shape_key(x_shape, w_shape, dtype, stride, padding, dilation) -> str:
@@ -195,24 +245,47 @@ def _shape_key(x_shape, w_shape, dtype, stride, padding, dilation) -> str:
     )
 
 
+# Timings this process measured or read, by (cache file, machine, shape): a cache that cannot be
+# written still times each shape once, and the file is read once per change.
+_TIMINGS: dict = {}
+_READ: dict = {}
+
+
+def _measured(path: Path, key: str):
+    """The timings {lowering: ms} of this shape on this machine, from this process or the cache file; None if none."""
+    if (path, machine(), key) in _TIMINGS:
+        return _TIMINGS[path, machine(), key]
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    stamp = stat.st_ino, stat.st_mtime_ns, stat.st_size  # a rewrite is a new file (write_atomic)
+    if _READ.get(path, (None,))[0] != stamp:
+        _READ[path] = stamp, _read_cache(path)
+    here = _READ[path][1].get(machine())
+    entry = here.get(key) if isinstance(here, dict) else None
+    return entry.get("ms") if isinstance(entry, dict) else None
+
+
 def _read_cache(path: Path) -> dict:
-    """The cache's {machine: {shape: {"choice", "ms"}}}; empty if there is none or it is damaged
-    (then "tune" measures again and writes a whole new file)."""
+    """The cache's {machine: {shape: {"ms": {lowering: ms}}}}; empty if there is none or it is damaged
+    (then "tune" times again and writes a whole new file)."""
     cache = _files.read_json(path)
     return cache if isinstance(cache, dict) else {}
 
 
-def _write_entry(path: Path, key: str, entry: dict) -> None:
-    """Adds one measurement to the cache, a whole new file. A cache that cannot be written costs
-    a warning and a measurement next time, not the run."""
+def _record(path: Path, key: str, ms: dict) -> None:
+    """Keeps a shape's timings for this process and adds them to the cache file, a whole new file.
+    A cache that cannot be written costs a warning, not the run."""
+    _TIMINGS[path, machine(), key] = ms
     cache = _read_cache(path)
     here = cache.get(machine())
-    cache[machine()] = {**(here if isinstance(here, dict) else {}), key: entry}
+    cache[machine()] = {**(here if isinstance(here, dict) else {}), key: {"ms": ms}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _files.write_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     except OSError as error:
-        warnings.warn(f"conv2d: could not write the tuning cache {path}: {error}", stacklevel=3)
+        warnings.warn(f"conv2d: could not write the tuning cache {path}: {error}", stacklevel=4)  # conv2d's caller
 
 
 def _time_lowerings(candidates, x_shape, w_shape, y_shape, dtype, stride, padding, dilation) -> dict[str, float]:

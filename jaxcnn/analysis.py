@@ -577,7 +577,8 @@ def _trace_layers(model: nnx.Module, input_shape, types) -> list[tuple[str, nnx.
         _replace(twin, lambda n, m: _Tap(m, see(n)) if isinstance(m, types) else m)
         return twin(x)
 
-    jax.eval_shape(forward, state, jax.ShapeDtypeStruct(tuple(int(d) for d in input_shape), jnp.float32))
+    with _lowering.untuned():  # conv2d's "tune" would time shapes nothing runs
+        jax.eval_shape(forward, state, jax.ShapeDtypeStruct(tuple(int(d) for d in input_shape), jnp.float32))
     return seen
 
 

@@ -159,11 +159,12 @@ def conv2d(
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
     with a product for the weight gradient on strided kernels over few
     channels (a stem), and XLA's convolution for the rest; XLA's convolution
-    on GPU and TPU. Where this machine has timed the shape, "auto" takes the
-    fastest instead: "tune" times each CPU lowering on a shape never timed
-    here, once, when traced, and caches the fastest (`_lowering.cpu_choice`).
-    Grouped convolutions always use XLA's. All give the same values and
-    gradients within float rounding; "xla" measures the gain.
+    on GPU and TPU. Where this machine has timed an NHWC shape, "auto" takes
+    the fastest instead: "tune" times each CPU lowering on a shape never timed
+    here, once, when conv2d runs or is traced, and keeps the timings in
+    $JAXCNN_TUNE_CACHE (`_lowering.cpu_choice`). Grouped convolutions always
+    use XLA's. All give the same values and gradients within float rounding;
+    "xla" measures the gain.
     """
     fn = "conv2d"
     _checks.one_of(fn, "layout", layout, LAYOUTS)
@@ -238,12 +239,13 @@ def conv2d(
         y = nhwc(_lowering.conv2d_winograd)(x, w)
     else:
         out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
-        choice = _lowering.cpu_choice(
-            how, (x.shape[0], h, wd, c), (kh, kw, cin, cout), dtype, stride, pads, dilation, out_hw
-        )
+        if layout == "NHWC":
+            choice = _lowering.cpu_choice(how, x.shape, w.shape, dtype, stride, pads, dilation, out_hw)
+        else:  # timings are of NHWC convolutions (the layers'), which NCHW's transposes would slow
+            choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw, dilation)
         # Resolved when lowered: the choice on CPU, XLA's convolution elsewhere.
-        cpu = nhwc(_lowering.CPU_CONVS[choice])
-        y = xla(x, w) if choice == "xla" else lax.platform_dependent(x, w, cpu=cpu, default=xla)
+        cpu = None if choice == "xla" else nhwc(_lowering.CPU_CONVS[choice])
+        y = xla(x, w) if cpu is None else lax.platform_dependent(x, w, cpu=cpu, default=xla)
     if b is not None:
         y = y + (b if layout == "NHWC" else b[:, None, None])
     return y

@@ -1,4 +1,5 @@
-"""Shared pytest setup: Hypothesis profiles, and checks of the figures the experiments draw.
+"""Shared pytest setup: Hypothesis profiles, a scratch conv tuning cache for each test, and checks
+of the figures the experiments draw.
 
 "ci" is derandomized (the same examples on every run, so a red build is
 reproducible) and keeps no example database. It is picked with
@@ -8,8 +9,6 @@ shape is a fresh XLA compile.
 """
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +16,18 @@ from hypothesis import settings
 
 from jaxcnn import _lowering
 
-# Conv tunings measured by tests go to a scratch file of this process, never to the user's cache
-# (whose measurements would change "auto"'s choices, and which the tests must not write).
-os.environ[_lowering.TUNE_CACHE_ENV] = str(Path(tempfile.mkdtemp(prefix="jaxcnn-tune-")) / "conv_lowerings.json")
-
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(autouse=True)
+def tune_cache(tmp_path_factory, monkeypatch):
+    """conv2d's tuning cache, a fresh file (not yet written) for each test: never the user's, whose
+    timings would change "auto"'s choices, and no test's timings reach another's."""
+    path = tmp_path_factory.mktemp("tune") / "conv_lowerings.json"
+    monkeypatch.setenv(_lowering.TUNE_CACHE_ENV, str(path))
+    return path
 
 
 @pytest.fixture

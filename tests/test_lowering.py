@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from jaxcnn import _lowering, ops, reference
+from jaxcnn import _files, _lowering, ops, reference
 
 HIGHEST = lax.Precision.HIGHEST
 assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
@@ -182,54 +182,56 @@ def test_empty_batch(channels, lowering):  # plain patches, Winograd tiles
     np.testing.assert_array_equal(dw, np.zeros_like(w))  # no images, no gradient
 
 
-@pytest.fixture
-def tune_cache(tmp_path, monkeypatch):
-    """A fresh, not yet written tuning cache."""
-    path = tmp_path / "tuning" / "conv_lowerings.json"
-    monkeypatch.setenv(_lowering.TUNE_CACHE_ENV, str(path))
-    return path
-
-
 def test_tune_times_each_lowering_once_and_auto_follows(tune_cache, monkeypatch):
     x, w, b, kwargs = case_args("3x3_odd_uneven")  # every CPU lowering applies, Winograd's too
     want = reference.conv2d(x, w, b, **kwargs)
     assert_close(conv("tune", kwargs)(x, w, b), want)
-    (measured,) = json.loads(tune_cache.read_text()).values()  # one machine
-    (entry,) = measured.values()  # one shape
+    (timed,) = json.loads(tune_cache.read_text()).values()  # one machine
+    (entry,) = timed.values()  # one shape
     assert set(entry["ms"]) == {"xla", "matmul", "xla_forward", "winograd"}
     assert all(ms > 0 for ms in entry["ms"].values())
-    assert entry["choice"] == min(entry["ms"], key=entry["ms"].get)
-    # Measured once: in fresh traces neither "tune" nor "auto" times this shape again.
+    # Timed once: neither "tune" nor "auto" times it again, in fresh traces and (reading the file) a fresh process.
     monkeypatch.setattr(_lowering, "_time_lowerings", lambda *args: pytest.fail("timed twice"))
+    monkeypatch.setattr(_lowering, "_TIMINGS", {})
     for lowering in ("tune", "auto"):
         assert_close(conv(lowering, kwargs)(x, w, b), want, err_msg=lowering)
 
 
-def test_auto_takes_what_was_measured_on_this_machine(tune_cache):
+def test_auto_takes_what_was_timed_on_this_machine(tune_cache, monkeypatch):
     shapes = (2, 2, 2, 8), (3, 3, 8, 4)  # a map of 4 pixels: the thresholds take the product
-
-    def hlo():  # a fresh function each time: jit caches a traced function, lowering and all
-        return compiled_hlo(functools.partial(ops.conv2d, padding=1), *shapes)
-
-    def write(text):
-        tune_cache.parent.mkdir(exist_ok=True)
-        tune_cache.write_text(text)
-
     key = _lowering._shape_key(*shapes, np.float32, (1, 1), ((1, 1), (1, 1)), (1, 1))
-    measured = lambda machine, choice: json.dumps({machine: {key: {"choice": choice, "ms": {}}}})  # noqa: E731
-    assert "convolution(" not in hlo()
-    write(measured(_lowering.machine(), "xla"))
-    assert "convolution(" in hlo()
-    # Another machine's timings, a damaged file and an unknown choice all leave the thresholds' choice.
-    for text in (measured("another machine", "xla"), '{"half a file', "[]", measured(_lowering.machine(), "fast")):
-        write(text)
-        assert "convolution(" not in hlo(), text
+    called = []
+    for name, lowered in list(_lowering.CPU_CONVS.items()):
+        spy = lambda *args, name=name, lowered=lowered, **kwargs: called.append(name) or lowered(*args, **kwargs)  # noqa: E731
+        monkeypatch.setitem(_lowering.CPU_CONVS, name, spy)
+
+    def taken(cache) -> str:  # the lowering a fresh trace takes with this cache file
+        _files.write_atomic(tune_cache, cache if isinstance(cache, str) else json.dumps(cache))
+        called.clear()
+        jax.jit(functools.partial(ops.conv2d, padding=1)).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+        return called[0] if called else "xla"  # ops.conv2d's own XLA convolution
+
+    here = _lowering.machine()
+    assert taken("{}") == "matmul"
+    assert taken({here: {key: {"ms": {"xla": 1, "matmul": 2, "winograd": 3}}}}) == "xla"
+    assert taken({here: {key: {"ms": {"xla": 3, "matmul": 2, "winograd": 1}}}}) == "winograd"
+    assert taken({here: {key: {"ms": {"matmul": 1.04, "winograd": 1}}}}) == "matmul"  # within TUNE_MARGIN
+    # Another machine's timings and damaged files or entries leave the thresholds' choice.
+    for cache in (
+        {"another machine": {key: {"ms": {"xla": 1, "matmul": 2}}}},
+        '{"half a file',
+        [],
+        {here: []},
+        {here: {key: {"ms": {"xla": "1", "matmul": 2}}}},
+        {here: {key: {"ms": {"fast": 1, "matmul": 2}}}},  # not a lowering of this shape
+        {here: {key: {"ms": []}}},
+    ):
+        assert taken(cache) == "matmul", cache
 
 
 def test_tune_replaces_a_damaged_cache_and_survives_an_unwritable_one(tune_cache, tmp_path, monkeypatch):
     x, w, b, kwargs = case_args("1x1_strided")
     want = reference.conv2d(x, w, b, **kwargs)
-    tune_cache.parent.mkdir()
     tune_cache.write_text('{"half a file')
     assert_close(conv("tune", kwargs)(x, w, b), want)
     cache = json.loads(tune_cache.read_text())
@@ -241,6 +243,27 @@ def test_tune_replaces_a_damaged_cache_and_survives_an_unwritable_one(tune_cache
     monkeypatch.setenv(_lowering.TUNE_CACHE_ENV, str(tmp_path / "a_file" / "conv_lowerings.json"))
     with pytest.warns(UserWarning, match=r"^conv2d: could not write the tuning cache .*a_file"):
         assert_close(conv("tune", kwargs)(x, w, b), want)
+    # Timed once all the same: this process remembers.
+    monkeypatch.setattr(_lowering, "_time_lowerings", lambda *args: pytest.fail("timed twice"))
+    assert_close(conv("tune", kwargs)(x, w, b), want)
+
+
+def test_tune_times_nothing_off_the_cpu_or_for_shapes_alone(tune_cache, monkeypatch):
+    from jaxcnn import analysis, models
+
+    monkeypatch.setenv(_lowering.ENV_VAR, "tune")
+    with monkeypatch.context() as patched:
+        patched.setattr(_lowering, "_time_lowerings", lambda *args: pytest.fail("timed"))
+        analysis.model_cost(models.create("lenet"), (4, 28, 28, 1))  # jax.eval_shape: nothing runs
+        patched.setattr(jax, "default_backend", lambda: "gpu")
+        x, w, b, kwargs = case_args("3x3_wide")
+        assert_close(conv("tune", kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
+    assert not tune_cache.exists()
+    # On the CPU it times even where the caller allows no transfers, in bfloat16 too.
+    x, w = jnp.ones((2, 4, 4, 8), jnp.bfloat16), jnp.ones((3, 3, 8, 4), jnp.bfloat16)
+    with jax.transfer_guard("disallow"):
+        y = jax.jit(functools.partial(ops.conv2d, padding=1))(x, w)
+    assert y.dtype == jnp.bfloat16 and "bfloat16" in tune_cache.read_text()
 
 
 def test_bad_lowering(monkeypatch):
