@@ -43,9 +43,10 @@ with `lax.platform_dependent`, resolved when lowered for the devices.
 
 `auto_choice`'s thresholds were measured on two machines. "tune" times every
 lowering that applies on the machine at hand, once per convolution shape, and
-keeps the fastest in a JSON file ($JAXCNN_TUNE_CACHE, default
+keeps the timings in a JSON file ($JAXCNN_TUNE_CACHE, default
 ~/.cache/jaxcnn/conv_lowerings.json) under the machine's name; "auto" then takes
-what was measured there for a shape, and the thresholds for shapes never measured.
+the fastest there for a shape (the thresholds' choice if within TUNE_MARGIN of
+it), and the thresholds' for shapes never timed (`cpu_choice`).
 """
 
 from __future__ import annotations
