@@ -254,8 +254,9 @@ _READ: dict = {}
 
 def _measured(path: Path, key: str):
     """The timings {lowering: ms} of this shape on this machine, from this process or the cache file; None if none."""
-    if (path, machine(), key) in _TIMINGS:
-        return _TIMINGS[path, machine(), key]
+    here = machine()
+    if (path, here, key) in _TIMINGS:
+        return _TIMINGS[path, here, key]
     try:
         stat = path.stat()
     except OSError:
@@ -263,8 +264,8 @@ def _measured(path: Path, key: str):
     stamp = stat.st_ino, stat.st_mtime_ns, stat.st_size  # a rewrite is a new file (write_atomic)
     if _READ.get(path, (None,))[0] != stamp:
         _READ[path] = stamp, _read_cache(path)
-    here = _READ[path][1].get(machine())
-    entry = here.get(key) if isinstance(here, dict) else None
+    timings = _READ[path][1].get(here)
+    entry = timings.get(key) if isinstance(timings, dict) else None
     return entry.get("ms") if isinstance(entry, dict) else None
 
 
@@ -278,10 +279,11 @@ def _read_cache(path: Path) -> dict:
 def _record(path: Path, key: str, ms: dict) -> None:
     """Keeps a shape's timings for this process and adds them to the cache file, a whole new file.
     A cache that cannot be written costs a warning, not the run."""
-    _TIMINGS[path, machine(), key] = ms
+    here = machine()
+    _TIMINGS[path, here, key] = ms
     cache = _read_cache(path)
-    here = cache.get(machine())
-    cache[machine()] = {**(here if isinstance(here, dict) else {}), key: {"ms": ms}}
+    timings = cache.get(here)
+    cache[here] = {**(timings if isinstance(timings, dict) else {}), key: {"ms": ms}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _files.write_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
