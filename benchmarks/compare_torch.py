@@ -97,7 +97,7 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
-from jaxcnn import _lowering, analysis, models, ops, run  # noqa: E402
+from jaxcnn import _hugepages, _lowering, analysis, models, ops, run  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -388,6 +388,7 @@ def main():
         "jax": jax.__version__,
         "torch": torch.__version__,
         "backend": jax.default_backend(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages or not: see jaxcnn._hugepages
         "load_average_1m_at_start": start_load,
         "matmul_peak_gflops": round(peak, 1),
         "models": models,
@@ -398,4 +399,5 @@ def main():
 
 
 if __name__ == "__main__":
+    _hugepages.reexec_with_huge_pages()  # as the experiments' command lines run
     main()

@@ -40,7 +40,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import checkpoint, data, train
+from jaxcnn import _hugepages, checkpoint, data, train
 
 import _common  # benchmarks/: python puts the script's directory on sys.path
 from _common import setup
@@ -262,4 +262,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _hugepages.reexec_with_huge_pages()  # as the experiments' command lines run
     main()

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcnn import _lowering, train
+from jaxcnn import _hugepages, _lowering, train
 
 from _common import parse_model, setup
 
@@ -145,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _hugepages.reexec_with_huge_pages()  # as the experiments' command lines run
     main()

@@ -50,7 +50,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn import data, train
+from jaxcnn import _hugepages, data, train
 
 import _common  # benchmarks/: python puts the script's directory on sys.path
 from _common import setup
@@ -339,6 +339,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_average_before": os.getloadavg(),
         "jax": jax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages or not: see jaxcnn._hugepages
         "batch_size": args.batch_size,
         "data": "uint8 28x28x1 MNIST digits, resized inside the step",
         "models": {},
@@ -379,4 +380,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _hugepages.reexec_with_huge_pages()  # as the experiments' command lines run
     main()

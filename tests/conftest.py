@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from jaxcnn import _lowering
+from jaxcnn import _hugepages, _lowering
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# The experiments' and benchmarks' commands re-execute themselves with glibc's huge-page tunable where it
+# helps (`jaxcnn._hugepages`); the tests' subprocesses start with it, as those commands end up, not twice.
+os.environ.update(_hugepages.environ_with_huge_pages() or {})
 
 
 @pytest.fixture(autouse=True)

@@ -423,3 +423,50 @@ def test_every_model_has_an_entry_point_with_its_chapter_defaults(monkeypatch):
         assert called[entry] == model  # the entry point trains the model it is named for
         parser = runner.build_parser(entry, model, getattr(module, "flags", None))
         assert models.run_defaults(model).title in parser.description
+
+
+def test_huge_page_environ_asks_only_where_the_kernel_waits_to_be_asked(tmp_path):
+    from jaxcnn import _hugepages
+
+    libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < _hugepages.MIN_GLIBC:
+        pytest.skip(f"{libc} {version} has no huge-page tunable")
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    with_pages = _hugepages.environ_with_huge_pages({"A": "1"}, thp)
+    assert with_pages == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    others = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert _hugepages.environ_with_huge_pages(others, thp)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    assert _hugepages.environ_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp) is None  # opted out
+    for mode in ("[always] madvise never\n", "always madvise [never]\n"):
+        thp.write_text(mode)
+        assert _hugepages.environ_with_huge_pages({}, thp) is None  # nothing to ask for
+    assert _hugepages.environ_with_huge_pages({}, tmp_path / "missing") is None
+
+
+def test_a_command_reexecutes_itself_with_huge_pages_before_it_runs(monkeypatch):
+    from experiments import runner
+    from jaxcnn import _hugepages
+
+    class Replaced(Exception):
+        pass
+
+    def execve(path, args, env):
+        raise Replaced(path, args, env)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(_hugepages, "environ_with_huge_pages", lambda: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    with pytest.raises(Replaced) as replaced:
+        runner.run_command(lambda: pytest.fail("main ran before the process was replaced"))
+    assert replaced.value.args == (
+        sys.executable,
+        [sys.executable, *sys.orig_argv[1:]],
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    )
+    monkeypatch.setattr(_hugepages, "environ_with_huge_pages", lambda: None)  # nothing to change: runs main
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest keeps its Ctrl-C
+    with pytest.raises(SystemExit) as exited:
+        runner.run_command(lambda: 0)
+    assert exited.value.code == 0
