@@ -301,16 +301,31 @@ def max_pool2d(
     return _max_pool("max_pool2d", x, window, stride, padding, ceil_mode, layout)
 
 
+def _tiles(g, pads) -> bool:
+    """Whether the pooling windows tile the input: non-overlapping, unpadded (no ceil_mode overhang
+    either), and of at most MAX_SLICED_TAPS taps (global pooling's thousands are not a sum of views)."""
+    return (
+        g["stride"] == g["window"]
+        and not any(lo or hi for lo, hi in pads)
+        and math.prod(g["window"]) <= _lowering.MAX_SLICED_TAPS
+    )
+
+
+def _tiled(x, g, layout):
+    """(x cropped to the whole windows, window, spatial axes): the arguments of _lowering's tiled pooling."""
+    ah, aw = _spatial_axes(layout)
+    (ho, wo), (kh, kw) = g["out_hw"], g["window"]
+    x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
+    return x, (kh, kw), (ah, aw)
+
+
 def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
     taps = math.prod(g["window"])
-    if g["stride"] == g["window"] and not any(lo or hi for lo, hi in pads) and taps <= _lowering.MAX_SLICED_TAPS:
+    if _tiles(g, pads):
         # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max on every platform
         # (its gradient selects tap by tap: global pooling's thousands go to windowed_max).
-        ah, aw = _spatial_axes(layout)
-        (ho, wo), (kh, kw) = g["out_hw"], g["window"]
-        x = lax.slice_in_dim(lax.slice_in_dim(x, 0, ho * kh, axis=ah), 0, wo * kw, axis=aw)
-        return _lowering.tiled_max(x, (kh, kw), (ah, aw))
+        return _lowering.tiled_max(*_tiled(x, g, layout))
     windowed = functools.partial(_lowering.windowed_max, window=win, strides=strides, pads=pads)
     if taps > _lowering.MAX_SLICED_TAPS or any(g["padding"]):
         # Large windows; and padded ones, whose -inf windows must skip the padding: a static
@@ -341,7 +356,10 @@ def avg_pool2d(
     fn = "avg_pool2d"
     count_include_pad = _checks.boolean(fn, "count_include_pad", count_include_pad)
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
-    total = lax.reduce_window(x, 0.0, lax.add, win, strides, pads)
+    if _tiles(g, pads):  # LeNet's, DenseNet's 2x2/2: strided views and a reshape, on every platform
+        total = _lowering.tiled_sum(*_tiled(x, g, layout))
+    else:
+        total = lax.reduce_window(x, 0.0, lax.add, win, strides, pads)
     return total / _avg_divisor(g, count_include_pad, layout).astype(x.dtype)
 
 

@@ -8,8 +8,12 @@ when CI is set. Tests still bound their own max_examples: every new array
 shape is a fresh XLA compile.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -23,6 +27,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 # The experiments' and benchmarks' commands re-execute themselves with glibc's huge-page tunable where it
 # helps (`jaxcnn._hugepages`); the tests' subprocesses start with it, as those commands end up, not twice.
 os.environ.update(_hugepages.environ_with_huge_pages() or {})
+
+# One XLA compilation cache for the session's subprocesses (the experiments' commands, the benchmarks),
+# which compile the same tiny LeNet steps again and again: it halves the kill-and-resume tests. A
+# fresh directory each session, so the suite takes a clean machine's time. The pytest processes
+# themselves (both xdist workers inherit the variable) keep JAX's in-memory caches alone, so the
+# compile events a test watches are its own process's.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcnn-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(autouse=True)

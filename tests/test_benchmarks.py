@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_benchmark(script: str) -> dict:
+    # Without the session's compilation cache (conftest): a cached step would report no XLA compile.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} if script == "train.py" else None
     done = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--quick"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -456,6 +456,27 @@ class GradientTest(chex.TestCase):
                 check_grads(pool, (x,), order=1, modes=("fwd", "rev"))
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_avg_pool_over_tiling_windows_is_reduce_windows_value_and_gradient(layout):
+    """Non-overlapping windows take _lowering.tiled_sum: on maps they do not divide (the remainder
+    dropped, as PyTorch does), its value and gradient are a reduce_window sum's over the window size."""
+    x = normal(2, 3, 7, 9) if layout == "NCHW" else normal(2, 7, 9, 3)
+    dims = (0, 1, 2, 3) if layout == "NCHW" else (0, 3, 1, 2)  # N, C, H, W
+    for window in ((2, 2), (3, 2)):
+        win = tuple(np.array([1, 1, *window])[np.argsort(dims)])
+        pool = functools.partial(ops.avg_pool2d, window=window, layout=layout)
+        windowed = lambda x: lax.reduce_window(x, 0.0, lax.add, win, win, "VALID") / math.prod(window)  # noqa: B023
+        y, pool_vjp = jax.vjp(pool, x)
+        y_ref, windowed_vjp = jax.vjp(windowed, x)
+        dy = normal(*y.shape)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(pool_vjp(dy)[0], windowed_vjp(dy)[0])
+        dx = normal(*x.shape)
+        np.testing.assert_allclose(
+            jax.jvp(pool, (x,), (dx,))[1], jax.jvp(windowed, (x,), (dx,))[1], rtol=1e-6, atol=1e-7
+        )
+
+
 # --------------------------------------------------------------------------
 # jit, vmap and dtypes.
 
