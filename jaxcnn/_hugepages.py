@@ -3,11 +3,11 @@
 XLA's CPU runtime allocates each call's temporaries as one buffer, on a worker thread: about 1 GB
 for a ResNet-18 train step at 96 px, batch 128. glibc maps a buffer that large afresh on every
 call and frees it after, so the kernel faults it in again 4 KiB at a time: 243k faults and
-0.65 s of system time in a 2.4 s step (2-core AMD EPYC VM). Where the kernel gives huge pages
-only to memory that asks for them (transparent_hugepage "madvise", a common default), glibc's
-`glibc.malloc.hugetlb=1` tunable makes malloc ask: 800 faults, 0.13 s, and the step 7-18%
-faster. glibc reads tunables when a process starts, so a command re-executes itself once with
-it set; a library caller sets it before starting Python (README, "Performance").
+0.64-0.72 s of system time per 2.2-3.2 s step (2-core AMD EPYC VM). Where the kernel gives huge
+pages only to memory that asks for them (transparent_hugepage "madvise", a common default),
+glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask: 800 faults, 0.13-0.19 s. glibc reads
+tunables when a process starts, so a command re-executes itself once with it set; a library
+caller sets it before starting Python (README, "Performance").
 """
 
 from __future__ import annotations
