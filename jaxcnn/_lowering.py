@@ -20,7 +20,9 @@ What keeps it fast:
   convolved a few MiB of patches at a time (`lax.map`), each chunk's patches
   rebuilt for the backward pass (`jax.checkpoint`) rather than stored.
 - Inputs with few channels (LeNet's) build their patches with the batch as
-  the minor axis, so views copy in long runs.
+  the minor axis, so views copy in long runs; a float32 grey image under a
+  few outputs (LeNet's first layer) skips them in the forward pass, a sum
+  over kernel taps of weighted views (`_tap_sum`), patches for dW only.
 
 `conv2d_xla_forward` keeps XLA's convolution for the value and the input
 gradient, and makes only the weight gradient a product (patches @ dY with
@@ -91,6 +93,9 @@ MAX_DENSE_BLOCKS = 64
 # Inputs with fewer channels than this get batch-minor patches (narrow
 # views copy slowly), or "xla_forward" in "auto" when strided.
 MIN_CHANNELS = 8
+# Single-channel inputs under kernels of at most this many outputs (LeNet's first layer: 6) take
+# `_tap_sum`'s forward pass: kh * kw * O multiply-adds per pixel beat a product of K = kh * kw.
+MAX_TAP_SUM_OUTPUTS = 16
 # Maps of at most this many output pixels always take the product (4x4 and smaller).
 SMALL_MAP = 16
 # "xla_forward" builds the whole transposed patch matrix and keeps it for the backward
@@ -544,20 +549,19 @@ def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.
 
     Each kernel tap's view of (C, H, W, chunk) images is then a block of rows
     of the (kh * kw * C, Ho * Wo * chunk) patch matrix, copied in runs of
-    `chunk` numbers rather than C; the product is W^T @ patches.
+    `chunk` numbers rather than C; the product is W^T @ patches. A float32
+    grey image under a kernel of few outputs (LeNet's first layer) takes
+    `_tap_sum` instead, patches for its weight gradient only.
     """
     n, _, _, c = x.shape
-    kh, kw, _, o = w.shape
-    (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
+    o = w.shape[3]
+    ho, wo = out_hw
     pads = ((0, 0, 0), *pads, (0, 0, 0))  # (C, H, W, chunk)
+    by_taps = c == 1 and o <= MAX_TAP_SUM_OUTPUTS and jnp.result_type(x, w) == jnp.float32
 
     def conv(xc):  # (C, H, W, chunk) -> (O, Ho, Wo, chunk)
         xp = lax.pad(xc, jnp.zeros((), x.dtype), pads)
-        # Separably, the kw column shifts first, then the kh row shifts of those: kh + kw views, not kh * kw.
-        cols = jnp.stack(strided_views(xp, (1, 1, kw, 1), (1, 1, sw, 1), (1, 1, dw, 1)))  # (kw, C, Hp, Wo, chunk)
-        rows = jnp.stack(strided_views(cols, (1, 1, kh, 1, 1), (1, 1, sh, 1, 1), (1, 1, dh, 1, 1)))
-        patches = rows.reshape(kh * kw * c, ho * wo * xc.shape[3])
-        return _matmul(patches.T, w.reshape(kh * kw * c, o), precision).T.reshape(o, ho, wo, xc.shape[3])
+        return (_tap_sum if by_taps else _patches_product)(xp, w, out_hw, stride, dilation, precision)
 
     to_minor = lambda x, k: x.reshape(-1, k, *x.shape[1:]).transpose(0, 4, 2, 3, 1)  # noqa: E731
     from_minor = lambda y: y.transpose(0, 4, 2, 3, 1).reshape(-1, ho, wo, o)  # noqa: E731
@@ -566,6 +570,54 @@ def _batch_minor(x, w, out_hw, stride, dilation, pads, precision, chunk) -> jax.
     if whole < n:  # the remainder, as one smaller chunk
         ys.append(from_minor(conv(to_minor(x[whole:], n - whole)[0])[None]))
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
+
+
+def _patches_product(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
+    """Padded batch-minor xp (C, Hp, Wp, chunk), w (kh, kw, C, O) -> (O, Ho, Wo, chunk): W^T @ patches."""
+    kh, kw, c, o = w.shape
+    patches = _batch_minor_patches(xp, (kh, kw), out_hw, stride, dilation)
+    return _matmul(patches.T, w.reshape(kh * kw * c, o), precision).T.reshape(o, *out_hw, xp.shape[3])
+
+
+def _batch_minor_patches(xp, kernel_hw, out_hw, stride, dilation) -> jax.Array:
+    """Padded batch-minor xp (C, Hp, Wp, chunk) -> its (kh * kw * C, Ho * Wo * chunk) patch matrix."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, stride, dilation
+    # Separably, the kw column shifts first, then the kh row shifts of those: kh + kw views, not kh * kw.
+    cols = jnp.stack(strided_views(xp, (1, 1, kw, 1), (1, 1, sw, 1), (1, 1, dw, 1)))  # (kw, C, Hp, Wo, chunk)
+    rows = jnp.stack(strided_views(cols, (1, 1, kh, 1, 1), (1, 1, sh, 1, 1), (1, 1, dh, 1, 1)))
+    return rows.reshape(kh * kw * xp.shape[0], out_hw[0] * out_hw[1] * xp.shape[3])
+
+
+def _weighted_views(xp, w, stride, dilation) -> jax.Array:
+    """Padded batch-minor xp (1, Hp, Wp, chunk), w (kh, kw, 1, O) -> (O, Ho, Wo, chunk): the sum over
+    kernel taps of each tap's weights times its strided view of xp, one fused elementwise pass."""
+    kh, kw, _, _ = w.shape
+    views = strided_views(xp, (1, kh, kw, 1), (1, *stride, 1), (1, *dilation, 1))  # each (1, Ho, Wo, chunk)
+    taps = np.ndindex(kh, kw)
+    return functools.reduce(jnp.add, (w[i, j, 0, :, None, None, None] * view for (i, j), view in zip(taps, views)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _tap_sum(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
+    """`_patches_product` for a single channel: the forward pass as `_weighted_views` (kh * kw * O
+    multiply-adds per pixel, where the patch matrix is kh * kw times the input and its product too
+    narrow to run fast: LeNet's 28x28 -> 6 forward 2-2.5x faster), the weight gradient the product."""
+    return _weighted_views(xp, w, stride, dilation)
+
+
+def _tap_sum_jvp(out_hw, stride, dilation, precision, primals, tangents):
+    (xp, w), (dxp, dw) = primals, tangents
+    y = _weighted_views(xp, w, stride, dilation)
+    terms = [] if isinstance(dxp, SymbolicZero) else [_weighted_views(dxp, w, stride, dilation)]
+    if not isinstance(dw, SymbolicZero):
+        # dW^T @ patches, whose transpose dY @ patches^T is the order _matmul's gradient takes.
+        kh, kw, _, o = w.shape
+        patches = _batch_minor_patches(xp, (kh, kw), out_hw, stride, dilation)
+        terms.append(jnp.dot(dw.reshape(kh * kw, o).T, patches, precision=precision).reshape(y.shape))
+    return y, _sum_or_zeros(terms, y)
+
+
+_tap_sum.defjvp(_tap_sum_jvp, symbolic_zeros=True)
 
 
 def _patches_dot(xp, w, out_hw, stride, dilation, precision) -> jax.Array:

@@ -41,6 +41,13 @@ CASES = {
     "stem": ((2, 12, 12, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),
     "stem_nchw_dilated": ((2, 2, 13, 12), (4, 2, 3, 2), dict(stride=2, padding=2, dilation=(2, 3), layout="NCHW")),
     "grouped": ((2, 4, 4, 4), (3, 3, 2, 6), dict(groups=2, padding=1)),
+    # Grey images under few outputs (LeNet's first layer): the forward pass a sum over taps, dW a product.
+    "grey_5x5": ((2, 7, 7, 1), (5, 5, 1, 3), dict(padding=2)),
+    "grey_strided_dilated": (
+        (2, 9, 8, 1),
+        (3, 2, 1, 4),
+        dict(stride=(2, 1), dilation=(1, 2), padding=((1, 0), (2, 1))),
+    ),
 }
 
 
@@ -124,7 +131,7 @@ def test_matmul_gradients_match_finite_differences(name):
         ("auto", (2, 2, 2, 8), (3, 3, 8, 4), dict(padding=1), False),
         ("auto", (256, 24, 24, 64), (3, 3, 64, 64), dict(padding=1), False),  # ResNet-18's first stage at 96 px
         ("auto", (2, 5, 5, 3), (1, 1, 3, 4), dict(stride=2), False),  # 1x1: a dot, however few channels
-        ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), False),  # LeNet's first layer: one channel
+        ("auto", (2, 28, 28, 1), (5, 5, 1, 6), dict(padding=2), None),  # LeNet's first layer: a sum over taps
         ("auto", (2, 32, 32, 1), (7, 7, 1, 64), dict(stride=2, padding=3), True),  # ResNet's stem: strided
         ("auto", (8, 32, 32, 16), (3, 3, 16, 32), dict(padding=1), True),  # 16 channels on a large map
         ("auto", (8, 8, 8, 64), (3, 3, 64, 64), dict(padding=1), True),  # wide, but 512 rows
@@ -136,8 +143,8 @@ def test_matmul_gradients_match_finite_differences(name):
 )
 def test_lowering_chosen(lowering, x_shape, w_shape, kwargs, uses_conv):
     hlo = compiled_hlo(functools.partial(ops.conv2d, **kwargs, lowering=lowering), x_shape, w_shape)
-    assert ("convolution(" in hlo) == uses_conv
-    assert ("dot(" in hlo) != uses_conv
+    assert ("convolution(" in hlo) == (uses_conv is True)  # None: neither a convolution nor a product
+    assert ("dot(" in hlo) == (uses_conv is False)
 
 
 def test_stem_weight_gradient_is_a_product():
@@ -289,13 +296,16 @@ def test_bfloat16_keeps_its_dtype():
     np.testing.assert_array_equal(np.float32(ys["winograd"]), np.float32(ys["xla"]))  # sums of halves: exact
 
 
-@pytest.mark.parametrize("name, lowering", [("asymmetric", "matmul"), ("3x3_wide", "matmul"), ("3x3_wide", "winograd")])
+@pytest.mark.parametrize(
+    "name, lowering",
+    [("asymmetric", "matmul"), ("grey_5x5", "matmul"), ("3x3_wide", "matmul"), ("3x3_wide", "winograd")],
+)
 def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
     """Patches over CHUNK_BYTES (or Winograd tiles over WINOGRAD_CHUNK_BYTES) are built a few images
     at a time, in a loop, and rebuilt for the gradient."""
     x, w, b, kwargs = case_args(name, seed=3)
     # Bytes of one image's patch matrix, or of its 16 x 2 x 2 transformed tiles of 8 channels.
-    per_image = {"asymmetric": 1296, "3x3_wide": 4608 if lowering == "matmul" else 2048}[name]
+    per_image = {"asymmetric": 1296, "grey_5x5": 4900, "3x3_wide": 4608 if lowering == "matmul" else 2048}[name]
     monkeypatch.setattr(_lowering, "WINOGRAD_CHUNK_BYTES" if lowering == "winograd" else "CHUNK_BYTES", 3 * per_image)
     x = np.concatenate([x, x[:1] + 1, -x, 2 * x])  # N = 7: two chunks of 3 (a loop that sums) and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering), x.shape, w.shape)
@@ -354,6 +364,29 @@ def test_forward_mode_and_per_example_gradients():
     for lowering in ("matmul", "auto"):
         assert_close(jvp[lowering], jvp["xla"], err_msg=lowering)
         assert_close(per_example(lowering)(x, w), per_example("xla")(x, w), err_msg=lowering)
+
+
+def test_grey_images_sum_over_taps_forward_and_keep_forward_mode(monkeypatch):
+    """A float32 grey image under few outputs convolves as a sum over kernel taps (_tap_sum), in
+    jax.jvp too; wider inputs, more outputs and other dtypes build patches."""
+    summed = []
+    weighted_views = _lowering._weighted_views
+    monkeypatch.setattr(_lowering, "_weighted_views", lambda *a: summed.append(a[1].shape) or weighted_views(*a))
+    x, w, _, kwargs = case_args("grey_strided_dilated")
+    tangents = (np.ones_like(x), np.ones_like(w))
+    got = jax.jvp(conv_fn("matmul", kwargs), (x, w), tangents)
+    want = jax.jvp(conv_fn("xla", kwargs), (x, w), tangents)
+    assert summed  # the value, and the tangent of x
+    for g, h in zip(got, want):
+        assert_close(g, h)
+    summed.clear()
+    for shape, o, dtype in [
+        ((2, 9, 8, 2), 4, np.float32),
+        ((2, 9, 8, 1), 17, np.float32),
+        ((2, 9, 8, 1), 4, jnp.bfloat16),
+    ]:
+        jax.eval_shape(conv_fn("matmul", kwargs), jnp.zeros(shape, dtype), jnp.zeros((3, 2, shape[3], o), dtype))
+    assert summed == []
 
 
 def test_winograd_forward_mode_and_choice():
