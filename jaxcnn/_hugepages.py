@@ -20,32 +20,51 @@ TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # The first glibc with the tunable.
 MIN_GLIBC = (2, 35)
+# Set in the re-executed process: never a second exec, even where glibc drops GLIBC_TUNABLES
+# (a setuid or file-capability interpreter).
+REEXECUTED = "JAXCNN_HUGEPAGES_REEXECUTED"
 
 
-def environ_with_huge_pages(environ=os.environ, thp_enabled: Path = THP_ENABLED) -> dict | None:
-    """`environ` with glibc's malloc asking for huge pages, or None where that would change nothing:
-    not glibc (or too old for the tunable), huge pages "always" or "never", or the tunable already set
-    (to either value: GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out)."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE in tunables:
-        return None
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library if it is glibc, else None (musl, macOS, Windows)."""
     try:
         libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
-        if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < MIN_GLIBC:
-            return None
-        if "[madvise]" not in thp_enabled.read_text():
-            return None
-    except (AttributeError, ValueError, OSError):  # no confstr name (not Linux), no THP file
+        return tuple(map(int, version.split(".")[:2])) if libc == "glibc" else None
+    except (AttributeError, ValueError, OSError):  # no confstr, or no such name
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
+
+
+def environ_with_huge_pages(environ=os.environ, thp_enabled: Path | None = None) -> dict | None:
+    """`environ` with glibc's malloc asking for huge pages, or None where that would change nothing:
+    not glibc (or too old for the tunable), huge pages "always" or "never", the tunable already set
+    (to either value: GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out), or a process that already
+    re-executed itself."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in tunables or REEXECUTED in environ:
+        return None
+    version = glibc_version()
+    if version is None or version < MIN_GLIBC:
+        return None
+    try:
+        if "[madvise]" not in (thp_enabled or THP_ENABLED).read_text():
+            return None
+    except OSError:  # no THP
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1"))), REEXECUTED: "1"}
 
 
 def reexec_with_huge_pages() -> None:
-    """Replaces this process with itself (same pid, arguments and open files) under
-    `environ_with_huge_pages()`, if that gives an environment. Call it first thing in a command's
-    main, before any output or threads."""
+    """Replaces this process with itself (same pid and arguments; inherited descriptors, not the
+    files Python opened) under `environ_with_huge_pages()`, if that gives an environment. Call it
+    first thing in a command, before any output, threads or clean-up to run: atexit handlers and
+    finally blocks do not run across the exec. If the exec fails, the command runs as it is."""
     environ = environ_with_huge_pages()
-    if environ is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if environ is None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:  # no interpreter path to run (embedded Python), or exec refused
+        pass

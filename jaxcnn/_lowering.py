@@ -1,5 +1,6 @@
 """How `ops.conv2d` lowers on CPU: XLA's convolution, patches and a matrix product, or
-Winograd's F(2x2, 3x3); and how max pooling is differentiated.
+Winograd's F(2x2, 3x3); how max pooling is differentiated; and average pooling over windows
+that tile the map (`tiled_sum`).
 
 XLA's CPU convolution is slow on small feature maps (a 3x3 kernel on 2x2 or
 1x1 maps runs tens of times below the machine's matrix-product rate) and its
@@ -93,8 +94,9 @@ MAX_DENSE_BLOCKS = 64
 # Inputs with fewer channels than this get batch-minor patches (narrow
 # views copy slowly), or "xla_forward" in "auto" when strided.
 MIN_CHANNELS = 8
-# Single-channel inputs under kernels of at most this many outputs (LeNet's first layer: 6) take
-# `_tap_sum`'s forward pass: kh * kw * O multiply-adds per pixel beat a product of K = kh * kw.
+# Single-channel inputs under kernels of at most this many outputs take `_tap_sum`'s forward pass
+# (no patch matrix). Measured at LeNet's 6 outputs only; with many outputs the product, whose
+# cost per output is the same but which runs near the matrix-product rate, wins back.
 MAX_TAP_SUM_OUTPUTS = 16
 # Maps of at most this many output pixels always take the product (4x4 and smaller).
 SMALL_MAP = 16
@@ -134,7 +136,8 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     "matmul"       1x1 kernels; maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
                    output rows, whose gradients run 1.2-2x faster as products; and stride-1
-                   kernels on inputs of few channels (LeNet's), as batch-minor patches.
+                   kernels on inputs of few channels (LeNet's), as batch-minor patches
+                   (a float32 grey image under at most 16 outputs: a sum over taps forward).
     "xla_forward"  strided kernels on inputs of fewer than 8 channels (a stem, grey or RGB):
                    XLA's forward pass is the faster one there, its weight gradient 2-3x slower
                    than a product; while the patch matrix fits MAX_XLA_FORWARD_PATCH_BYTES.
@@ -486,12 +489,14 @@ def _tiled_max_jvp(window, axes, primals, tangents):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def tiled_sum(x, window, axes):
     """Sums over non-overlapping, unpadded windows that tile x (average pooling's 2x2/2): the strided
-    views of its taps added in one fused pass, 3-4x faster on CPU than reduce_window. The gradient
-    spreads dy over each tile, a reshape's transpose: 2-4x faster than the views' (padded dy)."""
+    views of its taps added in one fused pass, 4-5x faster on CPU than reduce_window on LeNet's
+    maps; in float32 for narrower dtypes (bfloat16 keeps 8 bits). The gradient spreads dy over
+    each tile, a reshape's transpose: 2-3x faster than the views' (padded dy)."""
     steps = [1] * x.ndim
     for axis, k in zip(axes, window):
         steps[axis] = k
-    return functools.reduce(jnp.add, strided_views(x, steps, steps))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return functools.reduce(jnp.add, (v.astype(acc) for v in strided_views(x, steps, steps))).astype(x.dtype)
 
 
 @tiled_sum.defjvp
@@ -600,8 +605,9 @@ def _weighted_views(xp, w, stride, dilation) -> jax.Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _tap_sum(xp, w, out_hw, stride, dilation, precision) -> jax.Array:
     """`_patches_product` for a single channel: the forward pass as `_weighted_views` (kh * kw * O
-    multiply-adds per pixel, where the patch matrix is kh * kw times the input and its product too
-    narrow to run fast: LeNet's 28x28 -> 6 forward 2-2.5x faster), the weight gradient the product."""
+    multiply-adds per pixel, as the product makes, but no patch matrix kh * kw times the input and
+    no product too narrow (K = kh * kw) to run fast: LeNet's 28x28 -> 6 forward 1.9x faster), the
+    weight gradient the product."""
     return _weighted_views(xp, w, stride, dilation)
 
 

@@ -11,7 +11,9 @@ CPU is slow: there `conv2d` is patches and one matrix product, or
 Winograd's F(2x2, 3x3) (`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
 differentiated on every platform through a reshape or strided views of its
 input (`jaxcnn._lowering`), never reduce_window's select-and-scatter, so that
-its gradient is PyTorch's to the element, NaN and -inf included. Every public function
+its gradient is PyTorch's to the element, NaN and -inf included. Pooling
+windows that tile the map (2x2/2, or global pooling of up to 25 pixels) are
+a reshape (max) or a sum of strided views (average) on every platform. Every public function
 checks its arguments and raises `ValueError` naming the function, the argument
 and the shapes; shapes are static, so the checks cost nothing under `jax.jit`.
 `jaxcnn.reference` holds the naive twin of each function, the tests' oracle.
@@ -301,9 +303,10 @@ def max_pool2d(
     return _max_pool("max_pool2d", x, window, stride, padding, ceil_mode, layout)
 
 
-def _tiles(g, pads) -> bool:
+def _windows_tile(g, pads) -> bool:
     """Whether the pooling windows tile the input: non-overlapping, unpadded (no ceil_mode overhang
-    either), and of at most MAX_SLICED_TAPS taps (global pooling's thousands are not a sum of views)."""
+    either), and of at most MAX_SLICED_TAPS taps: global pooling of a 5x5 map or smaller (ResNet's
+    at 96 px) is included, its thousands of taps on larger maps are not a sum of views."""
     return (
         g["stride"] == g["window"]
         and not any(lo or hi for lo, hi in pads)
@@ -322,7 +325,7 @@ def _tiled(x, g, layout):
 def _max_pool(fn, x, window, stride, padding, ceil_mode, layout) -> jax.Array:
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
     taps = math.prod(g["window"])
-    if _tiles(g, pads):
+    if _windows_tile(g, pads):
         # Non-overlapping windows (LeNet's, VGG's 2x2/2): a reshape and a max on every platform
         # (its gradient selects tap by tap: global pooling's thousands go to windowed_max).
         return _lowering.tiled_max(*_tiled(x, g, layout))
@@ -356,7 +359,7 @@ def avg_pool2d(
     fn = "avg_pool2d"
     count_include_pad = _checks.boolean(fn, "count_include_pad", count_include_pad)
     x, win, strides, pads, g = _pool_setup(fn, x, window, stride, padding, ceil_mode, layout)
-    if _tiles(g, pads):  # LeNet's, DenseNet's 2x2/2: strided views and a reshape, on every platform
+    if _windows_tile(g, pads):  # LeNet's, DenseNet's 2x2/2: strided views and a reshape, on every platform
         total = _lowering.tiled_sum(*_tiled(x, g, layout))
     else:
         total = lax.reduce_window(x, 0.0, lax.add, win, strides, pads)

@@ -28,15 +28,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 # helps (`jaxcnn._hugepages`); the tests' subprocesses start with it, as those commands end up, not twice.
 os.environ.update(_hugepages.environ_with_huge_pages() or {})
 
-# One XLA compilation cache for the session's subprocesses (the experiments' commands, the benchmarks),
-# which compile the same tiny LeNet steps again and again: it halves the kill-and-resume tests. A
-# fresh directory each session, so the suite takes a clean machine's time. The pytest processes
-# themselves (both xdist workers inherit the variable) keep JAX's in-memory caches alone, so the
-# compile events a test watches are its own process's.
+# One XLA compilation cache for the session (unless one is set already): the pytest-xdist workers
+# inherit the controller's environment, and so do the subprocesses (the experiments' commands, the
+# benchmarks), which compile the same tiny LeNet steps again and again: it halves the kill-and-resume
+# tests. A fresh directory each session, so the suite takes a clean machine's time. A test that
+# watches XLA compile counts a cache hit's retrieval as a compile (test_run's `finished`).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcnn-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", None)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(autouse=True)

@@ -379,6 +379,9 @@ def test_grey_images_sum_over_taps_forward_and_keep_forward_mode(monkeypatch):
     assert summed  # the value, and the tangent of x
     for g, h in zip(got, want):
         assert_close(g, h)
+    # The weight gradient is a product with the patches, and no convolution anywhere.
+    hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv_fn("matmul", kwargs)(x, w) ** 2))).lower(w).compile().as_text()
+    assert "dot(" in hlo and "convolution(" not in hlo
     summed.clear()
     for shape, o, dtype in [
         ((2, 9, 8, 2), 4, np.float32),

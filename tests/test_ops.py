@@ -457,9 +457,12 @@ class GradientTest(chex.TestCase):
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_avg_pool_over_tiling_windows_is_reduce_windows_value_and_gradient(layout):
+def test_avg_pool_over_tiling_windows_is_reduce_windows_value_and_gradient(layout, monkeypatch):
     """Non-overlapping windows take _lowering.tiled_sum: on maps they do not divide (the remainder
     dropped, as PyTorch does), its value and gradient are a reduce_window sum's over the window size."""
+    tiled = []
+    tiled_sum = _lowering.tiled_sum
+    monkeypatch.setattr(_lowering, "tiled_sum", lambda *a: tiled.append(a[1]) or tiled_sum(*a))
     x = normal(2, 3, 7, 9) if layout == "NCHW" else normal(2, 7, 9, 3)
     dims = (0, 1, 2, 3) if layout == "NCHW" else (0, 3, 1, 2)  # N, C, H, W
     for window in ((2, 2), (3, 2)):
@@ -475,6 +478,7 @@ def test_avg_pool_over_tiling_windows_is_reduce_windows_value_and_gradient(layou
         np.testing.assert_allclose(
             jax.jvp(pool, (x,), (dx,))[1], jax.jvp(windowed, (x,), (dx,))[1], rtol=1e-6, atol=1e-7
         )
+    assert set(tiled) == {(2, 2), (3, 2)}  # the tiled path ran, not reduce_window against itself
 
 
 # --------------------------------------------------------------------------

@@ -425,16 +425,17 @@ def test_every_model_has_an_entry_point_with_its_chapter_defaults(monkeypatch):
         assert models.run_defaults(model).title in parser.description
 
 
-def test_huge_page_environ_asks_only_where_the_kernel_waits_to_be_asked(tmp_path):
+def test_huge_page_environ_asks_only_where_the_kernel_waits_to_be_asked(tmp_path, monkeypatch):
     from jaxcnn import _hugepages
 
-    libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < _hugepages.MIN_GLIBC:
-        pytest.skip(f"{libc} {version} has no huge-page tunable")
+    monkeypatch.setattr(_hugepages, "glibc_version", lambda: (2, 36))
     thp = tmp_path / "enabled"
     thp.write_text("always [madvise] never\n")
-    with_pages = _hugepages.environ_with_huge_pages({"A": "1"}, thp)
-    assert with_pages == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    asked = {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", _hugepages.REEXECUTED: "1"}
+    assert _hugepages.environ_with_huge_pages({"A": "1"}, thp) == asked
+    assert _hugepages.environ_with_huge_pages(asked, thp) is None  # so never twice
+    # Where glibc dropped the tunable (a setuid interpreter), the marker still stops a second exec.
+    assert _hugepages.environ_with_huge_pages({_hugepages.REEXECUTED: "1"}, thp) is None
     others = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert _hugepages.environ_with_huge_pages(others, thp)["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -444,6 +445,24 @@ def test_huge_page_environ_asks_only_where_the_kernel_waits_to_be_asked(tmp_path
         thp.write_text(mode)
         assert _hugepages.environ_with_huge_pages({}, thp) is None  # nothing to ask for
     assert _hugepages.environ_with_huge_pages({}, tmp_path / "missing") is None
+    thp.write_text("always [madvise] never\n")
+    for version in ((2, 34), None):  # a glibc without the tunable; musl, macOS
+        monkeypatch.setattr(_hugepages, "glibc_version", lambda version=version: version)
+        assert _hugepages.environ_with_huge_pages({}, thp) is None
+
+
+def test_glibc_version_is_none_off_glibc(monkeypatch):
+    from jaxcnn import _hugepages
+
+    for confstr in (lambda name: "glibc 2.36", lambda name: "musl 1.2", lambda name: None):
+        monkeypatch.setattr(os, "confstr", confstr)
+        assert _hugepages.glibc_version() == ((2, 36) if confstr("") == "glibc 2.36" else None)
+
+    def no_name(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(os, "confstr", no_name)
+    assert _hugepages.glibc_version() is None
 
 
 def test_a_command_reexecutes_itself_with_huge_pages_before_it_runs(monkeypatch):
