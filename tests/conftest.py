@@ -77,3 +77,10 @@ def smallest_font():
         return min(t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text())
 
     return size
+
+
+def pytest_collection_modifyitems(items):
+    """The files of subprocess runs first: under `--dist loadfile` each file goes to one worker, and
+    test_runner.py (5 minutes on a 2-core machine), collected next to last, left the other worker idle."""
+    slow_files = ("test_runner.py", "test_benchmarks.py")
+    items.sort(key=lambda item: item.path.name not in slow_files)  # stable: each file keeps its order
