@@ -454,9 +454,9 @@ def test_huge_page_environ_asks_only_where_the_kernel_waits_to_be_asked(tmp_path
 def test_glibc_version_is_none_off_glibc(monkeypatch):
     from jaxcnn import _hugepages
 
-    for confstr in (lambda name: "glibc 2.36", lambda name: "musl 1.2", lambda name: None):
-        monkeypatch.setattr(os, "confstr", confstr)
-        assert _hugepages.glibc_version() == ((2, 36) if confstr("") == "glibc 2.36" else None)
+    for answer, version in (("glibc 2.36", (2, 36)), ("musl 1.2", None), (None, None)):
+        monkeypatch.setattr(os, "confstr", lambda name, answer=answer: answer)
+        assert _hugepages.glibc_version() == version
 
     def no_name(name):
         raise ValueError("unrecognized configuration name")
