@@ -74,7 +74,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxcnn import _files
 
-LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd")
+LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd", "winograd_4x4")
 ENV_VAR = "JAXCNN_CONV_LOWERING"
 TUNE_CACHE_ENV = "JAXCNN_TUNE_CACHE"
 # Timed calls per lowering when tuning (after one that compiles); the fastest counts.
@@ -108,6 +108,9 @@ WIDE_CHANNELS = 32
 MANY_ROWS = 4096
 # 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (on narrower ones patches are as fast).
 WINOGRAD_CHANNELS = 64
+# Float32 maps at least this large on both sides take F(4x4, 3x3): fewer products and transformed
+# values than F(2x2)'s outweigh its costlier transforms and tiles rounded up to 4x4.
+WINOGRAD_4X4_MAP = 12
 # Bytes of transformed tiles per chunk of images: the 16 tile products run faster on longer chunks
 # (64 channels: 200 GFLOP/s on 2,304 tiles, 110 on 576), but 16 MiB at once is slower again
 # (8x8x64 maps, batch 256: forward 12 ms, 6 ms in 8 MiB chunks; quiet Intel Xeon).
@@ -123,7 +126,7 @@ def mode(fn: str, lowering: str | None) -> str:
     return chosen
 
 
-def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(1, 1)) -> str:
+def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(1, 1), dtype=np.float32) -> str:
     """What "auto" computes on CPU (groups=1) for a shape this machine has not timed ("tune"),
     from measurements on 2-core AVX-512 machines:
 
@@ -150,9 +153,9 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
             return "matmul"
         return "xla_forward" if _xla_forward_fits(batch, channels, kernel_hw, out_hw, 4) else "xla"
     if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
-        return (
-            "winograd" if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS else "matmul"
-        )
+        if not (winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS):
+            return "matmul"
+        return "winograd_4x4" if min(out_hw) >= WINOGRAD_4X4_MAP and np.dtype(dtype) == np.float32 else "winograd"
     return "xla"
 
 
@@ -171,7 +174,7 @@ def cpu_choice(how: str, x_shape, w_shape, dtype, stride, padding, dilation, out
     different programs), and not while `untuned` (shape-only traces). "auto" never times.
     """
     n, _, _, c = x_shape
-    thresholds = auto_choice(n, c, tuple(w_shape[:2]), stride, out_hw, dilation)
+    thresholds = auto_choice(n, c, tuple(w_shape[:2]), stride, out_hw, dilation, dtype)
     if jax.process_count() > 1:
         return thresholds
     candidates = _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw)
@@ -208,7 +211,7 @@ def _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw) -> list[str]:
     return [
         name
         for name in CPU_CONVS
-        if (name != "winograd" or winograd_applies(kernel_hw, stride, dilation))
+        if (name not in WINOGRAD_CONVS or winograd_applies(kernel_hw, stride, dilation))
         and (name != "xla_forward" or _xla_forward_fits(n, c, kernel_hw, out_hw, np.dtype(dtype).itemsize))
     ]
 
@@ -739,14 +742,46 @@ def _patches_t(x, kernel_hw, out_hw, stride, padding, dilation) -> jax.Array:
     return jnp.stack(views).reshape(kh * kw * c, n * ho * wo)
 
 
-# Winograd's F(2x2, 3x3): each 4x4 input tile d gives a 2x2 output tile
-# A^T [(G g G^T) * (B^T d B)] A, 16 products per tile and channel pair where a
-# direct convolution makes 36. Coefficients 0, +-1 and 1/2 keep float32 within
-# a few ulps of the direct sum (F(4x4, 3x3) multiplies 4x less but its 1/4 ... 1/24
-# coefficients cost digits).
-WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+# Winograd's F(m x m, 3x3): each (m + 2)^2 input tile d gives an m x m output tile
+# A^T [(G g G^T) * (B^T d B)] A, (m + 2)^2 products per tile and channel pair where a
+# direct convolution makes 9 m^2. {m: (B^T, G, A^T)}.
+# F(2x2): 16 products for 36. Coefficients 0, +-1 and 1/2 keep float32 within a few ulps
+# of the direct sum.
+# F(4x4) (Lavin and Gray's points 0, +-1, +-2): 36 products for 144, and 36 transformed
+# values per 16 outputs where F(2x2) has 16 per 4, but its coefficients up to 8 and 1/24
+# cost float32 digits.
+WINOGRAD = {
+    2: (
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32),
+    ),
+    4: (
+        np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ],
+            np.float32,
+        ),
+        np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ],
+            np.float32,
+        ),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float32),
+    ),
+}
 
 
 def winograd_applies(kernel_hw, stride, dilation) -> bool:
@@ -754,7 +789,7 @@ def winograd_applies(kernel_hw, stride, dilation) -> bool:
     return (tuple(kernel_hw), tuple(stride), tuple(dilation)) == ((3, 3), (1, 1), (1, 1))
 
 
-def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
+def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None, tile=2) -> jax.Array:
     """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(2x2, 3x3).
 
     Its input gradient is a Winograd convolution too (of dY with the flipped
@@ -762,17 +797,17 @@ def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None) -> jax.A
     autodiff of the forward would transpose its tile gathers into scatter-adds.
     """
     assert winograd_applies(w.shape[:2], stride, dilation), "ops.conv2d checks winograd_applies first"
-    return _winograd(x, w, tuple(map(tuple, padding)), precision)
+    return _winograd(x, w, tuple(map(tuple, padding)), precision, tile)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _winograd(x, w, padding, precision):
-    return _winograd_conv(x, w, padding, precision)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _winograd(x, w, padding, precision, m):
+    return _winograd_conv(x, w, padding, precision, m)
 
 
-def _winograd_jvp(padding, precision, primals, tangents):
+def _winograd_jvp(padding, precision, m, primals, tangents):
     (x, w), (dx, dw) = primals, tangents
-    y = _winograd_conv(x, w, padding, precision)
+    y = _winograd_conv(x, w, padding, precision, m)
     # Each tangent term is written as the transpose of its gradient, so that reverse mode,
     # transposing it back, runs the gradient as written (a Winograd convolution, Winograd's
     # tile sums), not the transpose of the forward's tile gathers (scatter-adds, several times slower).
@@ -780,10 +815,11 @@ def _winograd_jvp(padding, precision, primals, tangents):
     if not isinstance(dx, SymbolicZero):
         (top, bottom), (left, right) = padding
         flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-        input_grad = lambda dy: _winograd_conv(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), precision)  # noqa: E731
+        flipped_pads = (2 - top, 2 - bottom), (2 - left, 2 - right)
+        input_grad = lambda dy: _winograd_conv(dy, flipped, flipped_pads, precision, m)  # noqa: E731
         terms.append(jax.linear_transpose(input_grad, y)(dx)[0])
     if not isinstance(dw, SymbolicZero):
-        weight_grad = lambda dy: _winograd_weight_grad(x, dy, padding, precision)  # noqa: E731
+        weight_grad = lambda dy: _winograd_weight_grad(x, dy, padding, precision, m)  # noqa: E731
         terms.append(jax.linear_transpose(weight_grad, y)(dw)[0])
     return y, _sum_or_zeros(terms, y)
 
@@ -800,54 +836,58 @@ def _combine(arrays, m) -> list:
     return out
 
 
-def _winograd_tiles(x, padding, out_hw) -> jax.Array:
-    """The transformed input tiles B^T d B of x (N, H, W, C), as (16, N * th * tw, C), the 4x4 index
-    column-major (4 * j + i): the order two stacks build it in, each one fused copy."""
+def _winograd_tiles(x, padding, out_hw, m) -> jax.Array:
+    """The transformed input tiles B^T d B of x (N, H, W, C), as (a * a, N * th * tw, C) for tiles of
+    a = m + 2, the tile index column-major (a * j + i): the order two stacks build it in, each one fused copy."""
     n, h, wd, c = x.shape
-    th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    a, (bt, _, _) = m + 2, WINOGRAD[m]
+    th, tw = -(-out_hw[0] // m), -(-out_hw[1] // m)
     (top, _), (left, _) = padding
-    # Pad (or crop) so that 4x4 tiles at stride 2 cover every output, rounded up to whole tiles.
-    pads = ((0, 0, 0), (top, 2 * th + 2 - h - top, 0), (left, 2 * tw + 2 - wd - left, 0), (0, 0, 0))
+    # Pad (or crop) to whole tiles at stride m, and one group of m more (the last tile's 2 extra rows).
+    pads = ((0, 0, 0), (top, m * th + m - h - top, 0), (left, m * tw + m - wd - left, 0), (0, 0, 0))
     xp = lax.pad(x, jnp.zeros((), x.dtype), pads)
-    # Tile t's rows 2t, 2t + 1, 2t + 2, 2t + 3 are rows (t, even), (t, odd), (t + 1, even), (t + 1, odd)
-    # of the map seen as (pairs, 2): views without strides. B^T d B separably, rows first, then columns.
-    pairs = xp.reshape(n, th + 1, 2, 2 * tw + 2, c)
-    rows = jnp.stack(_combine([pairs[:, t : t + th, a] for t in (0, 1) for a in (0, 1)], WINOGRAD_BT))
-    pairs = rows.reshape(4, n, th, tw + 1, 2, c)
-    return jnp.stack(_combine([pairs[:, :, :, t : t + tw, a] for t in (0, 1) for a in (0, 1)], WINOGRAD_BT)).reshape(
-        16, -1, c
+    # Row r of tile t is row r % m of group t + r // m of the map seen as (groups, m): views without
+    # strides. B^T d B separably, rows first, then columns.
+    groups = xp.reshape(n, th + 1, m, m * tw + m, c)
+    rows = jnp.stack(_combine([groups[:, r // m : r // m + th, r % m] for r in range(a)], bt))
+    groups = rows.reshape(a, n, th, tw + 1, m, c)
+    return jnp.stack(_combine([groups[:, :, :, r // m : r // m + tw, r % m] for r in range(a)], bt)).reshape(
+        a * a, -1, c
     )
 
 
-def _winograd_chunk(x, th, tw) -> int:
-    """Images per chunk: WINOGRAD_CHUNK_BYTES of their (16, th * tw, C) transformed tiles."""
+def _winograd_chunk(x, th, tw, m) -> int:
+    """Images per chunk: WINOGRAD_CHUNK_BYTES of their (a * a, th * tw, C) transformed tiles."""
     n, _, _, c = x.shape
-    return _divisor_near(n, min(n, max(1, WINOGRAD_CHUNK_BYTES // (16 * th * tw * c * x.dtype.itemsize))))
+    per_image = (m + 2) ** 2 * th * tw * c * x.dtype.itemsize
+    return _divisor_near(n, min(n, max(1, WINOGRAD_CHUNK_BYTES // per_image)))
 
 
-def _winograd_conv(x, w, padding, precision) -> jax.Array:
+def _winograd_conv(x, w, padding, precision, m) -> jax.Array:
     n, h, wd, c = x.shape
     o = w.shape[3]
     (top, bottom), (left, right) = padding
     ho, wo = h + top + bottom - 2, wd + left + right - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
+    th, tw = -(-ho // m), -(-wo // m)
+    a, (_, g, at) = m + 2, WINOGRAD[m]
     if n == 0:
         return jnp.zeros((0, ho, wo, o), jnp.result_type(x, w))
     # G g G^T in float32 (G is), then in the input's dtype: bfloat16 in, bfloat16 out.
-    u = jnp.einsum("ia,jb,abco->jico", WINOGRAD_G, WINOGRAD_G, w, precision=precision).astype(w.dtype)
-    u = u.reshape(16, c, o)
+    u = jnp.einsum("ia,jb,abco->jico", g, g, w, precision=precision).astype(w.dtype)
+    u = u.reshape(a * a, c, o)
 
     def conv(x):
-        v = _winograd_tiles(x, padding, (ho, wo))
-        m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (16, P, O)
-        # A^T m A, separably, then the 2x2 output tiles interleaved into the map.
-        cols = [_combine([m[4 * j + i] for i in range(4)], WINOGRAD_AT) for j in range(4)]
-        y = jnp.stack([jnp.stack(_combine([cols[j][p] for j in range(4)], WINOGRAD_AT)) for p in range(2)])
-        y = y.reshape(2, 2, -1, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, 2 * th, 2 * tw, o)
+        v = _winograd_tiles(x, padding, (ho, wo), m)
+        prods = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
+        # A^T prods A, separably (one stack per stage, as the tiles are built: F(4x4)'s output 7x faster
+        # than summing through unstacked lists), then the m x m output tiles interleaved into the map.
+        cols = jnp.stack([jnp.stack(_combine([prods[a * j + i] for i in range(a)], at)) for j in range(a)])
+        y = jnp.stack([jnp.stack(_combine([cols[j, p] for j in range(a)], at)) for p in range(m)])
+        y = y.reshape(m, m, -1, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, m * th, m * tw, o)
         return y[:, :ho, :wo]
 
     # WINOGRAD_CHUNK_BYTES of tiles at a time, as the patch product chunks its patches.
-    chunk = _winograd_chunk(x, th, tw)
+    chunk = _winograd_chunk(x, th, tw, m)
     if chunk == n:
         return conv(x)
     whole = n // chunk * chunk
@@ -857,35 +897,36 @@ def _winograd_conv(x, w, padding, precision) -> jax.Array:
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
 
 
-def _winograd_weight_grad(x, dy, padding, precision) -> jax.Array:
+def _winograd_weight_grad(x, dy, padding, precision, m) -> jax.Array:
     """The weight gradient (3, 3, C, O) for cotangent dy (N, Ho, Wo, O), as F(2x2, 3x3) read backwards:
     G^T [sum over tiles of (B^T d B) * (A dY A^T)] G, elementwise in each 4x4 tile and a product over
     channels, the 16 tile sums one batched product per chunk; summed in float32 (bfloat16 in, out)."""
     n, _, _, c = x.shape
     _, ho, wo, o = dy.shape
-    th, tw = -(-ho // 2), -(-wo // 2)
+    th, tw = -(-ho // m), -(-wo // m)
+    a, (_, g, at) = m + 2, WINOGRAD[m]
     acc = jnp.promote_types(dy.dtype, jnp.float32)
     if n == 0:
         return jnp.zeros((3, 3, c, o), dy.dtype)
 
     def tile_sums(x, dy):  # (16, C, O): each tile's input transform times its 2x2 cotangent taken to 4x4
-        v = _winograd_tiles(x, padding, (ho, wo))
-        dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0), (0, 0, 0)))
-        dyp = dyp.reshape(-1, th, 2, tw, 2, o)
+        v = _winograd_tiles(x, padding, (ho, wo), m)
+        dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0)))
+        dyp = dyp.reshape(-1, th, m, tw, m, o)
         # A dY A^T as _winograd_tiles builds B^T d B: two stacks, rows (i) then columns (j), j major.
-        rows = jnp.stack(_combine([dyp[:, :, p] for p in range(2)], WINOGRAD_AT.T))  # (4, n, th, tw, 2, O)
-        dm = jnp.stack(_combine([rows[..., q, :] for q in range(2)], WINOGRAD_AT.T)).reshape(16, -1, o)
+        rows = jnp.stack(_combine([dyp[:, :, p] for p in range(m)], at.T))  # (a, n, th, tw, m, O)
+        dm = jnp.stack(_combine([rows[..., q, :] for q in range(m)], at.T)).reshape(a * a, -1, o)
         return lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=acc)
 
     # Chunked as the forward is; the tiles are rebuilt from x (jax.checkpoint) rather than kept.
     tile_sums = jax.checkpoint(tile_sums)
-    chunk = _winograd_chunk(x, th, tw)
+    chunk = _winograd_chunk(x, th, tw, m)
     whole = n // chunk * chunk
-    chunks = lambda a: a[:whole].reshape(-1, chunk, *a.shape[1:])  # noqa: E731
-    du, _ = lax.scan(lambda du, xy: (du + tile_sums(*xy), None), jnp.zeros((16, c, o), acc), (chunks(x), chunks(dy)))
+    chunks = lambda z: z[:whole].reshape(-1, chunk, *z.shape[1:])  # noqa: E731
+    du, _ = lax.scan(lambda du, xy: (du + tile_sums(*xy), None), jnp.zeros((a * a, c, o), acc), (chunks(x), chunks(dy)))
     if whole < n:  # the remainder, as one smaller chunk
         du = du + tile_sums(x[whole:], dy[whole:])
-    dw = jnp.einsum("ia,jb,jico->abco", WINOGRAD_G, WINOGRAD_G, du.reshape(4, 4, c, o), precision=precision)
+    dw = jnp.einsum("ia,jb,jico->abco", g, g, du.reshape(a, a, c, o), precision=precision)
     return dw.astype(dy.dtype)
 
 
@@ -900,4 +941,7 @@ CPU_CONVS = {
     "matmul": conv2d_matmul,
     "xla_forward": conv2d_xla_forward,
     "winograd": conv2d_winograd,
+    "winograd_4x4": functools.partial(conv2d_winograd, tile=4),
 }
+# Those for 3x3 stride-1 undilated kernels only (`winograd_applies`): F(2x2, 3x3) and F(4x4, 3x3).
+WINOGRAD_CONVS = ("winograd", "winograd_4x4")

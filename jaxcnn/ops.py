@@ -237,14 +237,14 @@ def conv2d(
         y = xla(x, w)
     elif how == "matmul":
         y = nhwc(_lowering.conv2d_matmul)(x, w)
-    elif how == "winograd" and _lowering.winograd_applies((kh, kw), stride, dilation):
-        y = nhwc(_lowering.conv2d_winograd)(x, w)
+    elif how in _lowering.WINOGRAD_CONVS and _lowering.winograd_applies((kh, kw), stride, dilation):
+        y = nhwc(_lowering.CPU_CONVS[how])(x, w)
     else:
         out_hw = conv_output_shape((h, wd), (kh, kw), stride=stride, padding=pads, dilation=dilation)
         if layout == "NHWC":
             choice = _lowering.cpu_choice(how, x.shape, w.shape, dtype, stride, pads, dilation, out_hw)
         else:  # timings are of NHWC convolutions (the layers'), which NCHW's transposes would slow
-            choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw, dilation)
+            choice = _lowering.auto_choice(x.shape[0], c, (kh, kw), stride, out_hw, dilation, dtype)
         # Resolved when lowered: the choice on CPU, XLA's convolution elsewhere.
         cpu = None if choice == "xla" else nhwc(_lowering.CPU_CONVS[choice])
         y = xla(x, w) if cpu is None else lax.platform_dependent(x, w, cpu=cpu, default=xla)
