@@ -67,7 +67,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
     parser.add_argument(
         "--lowering",
-        choices=["auto", "tune", "xla", "matmul", "winograd"],
+        choices=_lowering.LOWERINGS,
         default=None,
         help="default: $JAXCNN_CONV_LOWERING or auto",
     )
@@ -324,9 +324,9 @@ def bench_convs(args, peak: float) -> list:
     for size in args.conv_sizes:
         for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
             ho = (h + 2 * padding - k) // stride + 1
-            # What conv2d runs: "winograd" takes "auto"'s choice where it does not apply.
+            # What conv2d runs: a Winograd lowering takes "auto"'s choice where it does not apply.
             chosen = lowering in ("auto", "tune") or (
-                lowering == "winograd" and not _lowering.winograd_applies((k, k), (stride,) * 2, (1, 1))
+                lowering in _lowering.WINOGRAD_CONVS and not _lowering.winograd_applies((k, k), (stride,) * 2, (1, 1))
             )
             x_shape, w_shape = (args.batch_size, h, h, c), (k, k, c, o)
             row = {"image_size": size, "conv": name, "x": list(x_shape), "w": list(w_shape),
