@@ -99,7 +99,7 @@ MIN_CHANNELS = 8
 # (no patch matrix). Measured at LeNet's 6 outputs only; with many outputs the product, whose
 # cost per output is the same but which runs near the matrix-product rate, wins back.
 MAX_TAP_SUM_OUTPUTS = 16
-# Maps of at most this many output pixels always take the product (4x4 and smaller).
+# Maps of at most this many output pixels (4x4 and smaller) take the product, unless Winograd's.
 SMALL_MAP = 16
 # "xla_forward" builds the whole transposed patch matrix and keeps it for the backward
 # pass; past this many bytes (an RGB 7x7 stem at 224 px and batch 64) "auto" takes XLA's.
@@ -107,12 +107,15 @@ MAX_XLA_FORWARD_PATCH_BYTES = 256 * 2**20
 # Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
 WIDE_CHANNELS = 32
 MANY_ROWS = 4096
-# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (on narrower ones patches are as fast).
+# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (on narrower ones patches are as fast),
+# over maps at least this large on both sides: 4x4 maps are 2x2 whole tiles (1.6x faster forward and backward
+# than the product at 4x4x128 and 4x4x512, batch 256); on 2x2 maps the product is 1.6x faster (AMD EPYC Zen 3).
 WINOGRAD_CHANNELS = 64
+WINOGRAD_MAP = 4
 # Float32 maps at least this large on both sides take F(4x4, 3x3): fewer products and transformed
 # values than F(2x2)'s outweigh its costlier transforms and tiles rounded up to 4x4.
 WINOGRAD_4X4_MAP = 12
-# Bytes of transformed tiles per chunk of images: the 16 tile products run faster on longer chunks
+# Bytes of transformed tiles per chunk of images: the tile products run faster on longer chunks
 # (64 channels: 200 GFLOP/s on 2,304 tiles, 110 on 576), but 16 MiB at once is slower again
 # (8x8x64 maps, batch 256: forward 12 ms, 6 ms in 8 MiB chunks; quiet Intel Xeon).
 WINOGRAD_CHUNK_BYTES = 8 * 2**20
@@ -131,7 +134,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     """What "auto" computes on CPU (groups=1) for a shape this machine has not timed ("tune"),
     from measurements on 2-core AVX-512 machines:
 
-    "winograd"     3x3 stride-1 undilated kernels on maps larger than 4x4 with at least 64 input
+    "winograd"     3x3 stride-1 undilated kernels on maps of 4x4 and larger with at least 64 input
                    channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
                    2.25x fewer products; forward and backward 1.26-1.68x faster than the next best on
                    ResNet-18's (quiet Intel Xeon, batch 128; 1.0-1.3x on AMD EPYC before Winograd's
@@ -142,7 +145,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    (tiles rounded up to 8x8), about even on 8x8x64 (AMD EPYC Zen 3). Its float32 error is
                    about 3 bits more than F(2x2)'s, so bfloat16 keeps F(2x2).
 
-    "matmul"       1x1 kernels; maps of 16 pixels or fewer, where XLA's convolution runs tens of
+    "matmul"       1x1 kernels; other maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
                    output rows, whose gradients run 1.2-2x faster as products; and stride-1
                    kernels on inputs of few channels (LeNet's), as batch-minor patches
@@ -152,17 +155,21 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    than a product; while the patch matrix fits MAX_XLA_FORWARD_PATCH_BYTES.
     "xla"          the rest (8-31 channels, or few rows): patches cost more than they save.
     """
-    if kernel_hw == (1, 1) or out_hw[0] * out_hw[1] <= SMALL_MAP:
+    many_rows = batch * out_hw[0] * out_hw[1] >= MANY_ROWS
+    if kernel_hw == (1, 1):
+        return "matmul"
+    if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS and many_rows:
+        if min(out_hw) >= WINOGRAD_4X4_MAP and np.dtype(dtype) == np.float32:
+            return "winograd_4x4"
+        if min(out_hw) >= WINOGRAD_MAP:
+            return "winograd"
+    if out_hw[0] * out_hw[1] <= SMALL_MAP:
         return "matmul"
     if channels < MIN_CHANNELS:
         if stride == (1, 1):
             return "matmul"
         return "xla_forward" if _xla_forward_fits(batch, channels, kernel_hw, out_hw, 4) else "xla"
-    if channels >= WIDE_CHANNELS and batch * out_hw[0] * out_hw[1] >= MANY_ROWS:
-        if not (winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS):
-            return "matmul"
-        return "winograd_4x4" if min(out_hw) >= WINOGRAD_4X4_MAP and np.dtype(dtype) == np.float32 else "winograd"
-    return "xla"
+    return "matmul" if channels >= WIDE_CHANNELS and many_rows else "xla"
 
 
 def _xla_forward_fits(batch, channels, kernel_hw, out_hw, itemsize) -> bool:
@@ -905,9 +912,10 @@ def _winograd_conv(x, w, padding, precision, m) -> jax.Array:
 
 
 def _winograd_weight_grad(x, dy, padding, precision, m) -> jax.Array:
-    """The weight gradient (3, 3, C, O) for cotangent dy (N, Ho, Wo, O), as F(2x2, 3x3) read backwards:
-    G^T [sum over tiles of (B^T d B) * (A dY A^T)] G, elementwise in each 4x4 tile and a product over
-    channels, the 16 tile sums one batched product per chunk; summed in float32 (bfloat16 in, out)."""
+    """The weight gradient (3, 3, C, O) for cotangent dy (N, Ho, Wo, O), as F(m x m, 3x3) read backwards:
+    G^T [sum over tiles of (B^T d B) * (A dY A^T)] G, elementwise in each (m + 2)^2 tile and a product
+    over channels, the (m + 2)^2 tile sums one batched product per chunk; summed in float32 (bfloat16
+    in, out)."""
     n, _, _, c = x.shape
     _, ho, wo, o = dy.shape
     th, tw = -(-ho // m), -(-wo // m)
@@ -916,7 +924,7 @@ def _winograd_weight_grad(x, dy, padding, precision, m) -> jax.Array:
     if n == 0:
         return jnp.zeros((3, 3, c, o), dy.dtype)
 
-    def tile_sums(x, dy):  # (16, C, O): each tile's input transform times its 2x2 cotangent taken to 4x4
+    def tile_sums(x, dy):  # (a * a, C, O): each tile's input transform times its m x m cotangent taken to a x a
         v = _winograd_tiles(x, padding, (ho, wo), m)
         dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0)))
         dyp = dyp.reshape(-1, th, m, tw, m, o)

@@ -427,7 +427,8 @@ def test_winograd_forward_mode_and_choice():
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dtype=jnp.bfloat16) == "winograd"
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dilation=(2, 2)) == "matmul"
     assert _lowering.auto_choice(256, 32, (3, 3), (1, 1), (24, 24)) == "matmul"  # narrower: patches
-    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (4, 4)) == "matmul"  # a 4x4 map
+    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (4, 4)) == "winograd"  # a 4x4 map: 2x2 whole tiles
+    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (2, 2)) == "matmul"  # one tile, 4x4 for 2x2
 
 
 def test_winograd_float32_error_is_stated():
