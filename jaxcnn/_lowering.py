@@ -45,7 +45,8 @@ the input rather than select-and-scatter.
 GPUs and TPUs keep XLA's convolution: in "auto" mode the product is staged
 with `lax.platform_dependent`, resolved when lowered for the devices.
 
-`auto_choice`'s thresholds were measured on two machines. "tune" times every
+`auto_choice`'s thresholds were measured on 2-core VMs (AVX-512 Intel Xeon and AMD
+EPYC; Winograd's map sizes on an AVX2 AMD EPYC Zen 3). "tune" times every
 lowering that applies on the machine at hand, once per convolution shape, and
 keeps the timings in a JSON file ($JAXCNN_TUNE_CACHE, default
 ~/.cache/jaxcnn/conv_lowerings.json) under the machine's name; "auto" then takes
@@ -59,7 +60,6 @@ import contextlib
 import contextvars
 import functools
 import json
-import math
 import os
 import platform
 import tempfile
@@ -99,7 +99,7 @@ MIN_CHANNELS = 8
 # (no patch matrix). Measured at LeNet's 6 outputs only; with many outputs the product, whose
 # cost per output is the same but which runs near the matrix-product rate, wins back.
 MAX_TAP_SUM_OUTPUTS = 16
-# Maps of at most this many output pixels (4x4 and smaller) take the product, unless Winograd's.
+# Maps of at most this many output pixels (4x4 and smaller) take the product, unless Winograd applies.
 SMALL_MAP = 16
 # "xla_forward" builds the whole transposed patch matrix and keeps it for the backward
 # pass; past this many bytes (an RGB 7x7 stem at 224 px and batch 64) "auto" takes XLA's.
@@ -107,10 +107,11 @@ MAX_XLA_FORWARD_PATCH_BYTES = 256 * 2**20
 # Inputs this wide take the product once the patch matrix has this many rows (N * Ho * Wo).
 WIDE_CHANNELS = 32
 MANY_ROWS = 4096
-# 3x3 stride-1 kernels on inputs this wide take Winograd's F(2x2, 3x3) (on narrower ones patches are as fast),
-# over maps at least this large on both sides: 4x4 maps are 2x2 whole tiles (1.6x faster forward and backward
-# than the product at 4x4x128 and 4x4x512, batch 256); on 2x2 maps the product is 1.6x faster (AMD EPYC Zen 3).
+# 3x3 stride-1 kernels on inputs this wide take Winograd's algorithm (on narrower ones patches are as fast).
 WINOGRAD_CHANNELS = 64
+# Maps of 16 pixels or fewer take F(2x2, 3x3) only when at least this large on both sides: 4x4 maps are
+# 2x2 whole tiles (1.6x faster forward and backward than the product at 4x4x128 and 4x4x512, batch 256);
+# on 2x2 maps the product is 1.6x faster (AMD EPYC Zen 3).
 WINOGRAD_MAP = 4
 # Float32 maps at least this large on both sides take F(4x4, 3x3): fewer products and transformed
 # values than F(2x2)'s outweigh its costlier transforms and tiles rounded up to 4x4.
@@ -132,7 +133,7 @@ def mode(fn: str, lowering: str | None) -> str:
 
 def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(1, 1), dtype=np.float32) -> str:
     """What "auto" computes on CPU (groups=1) for a shape this machine has not timed ("tune"),
-    from measurements on 2-core AVX-512 machines:
+    from measurements on 2-core VMs (AVX-512 Intel and AMD; Winograd's map sizes on an AVX2 AMD Zen 3):
 
     "winograd"     3x3 stride-1 undilated kernels on maps of 4x4 and larger with at least 64 input
                    channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
@@ -143,7 +144,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    F(4x4, 3x3), 4x fewer products; forward and backward 1.2-1.3x faster than
                    F(2x2) on ResNet-18's 24x24x64 and 12x12x128 at batch 128, 0.8x on 6x6x256
                    (tiles rounded up to 8x8), about even on 8x8x64 (AMD EPYC Zen 3). Its float32 error is
-                   about 3 bits more than F(2x2)'s, so bfloat16 keeps F(2x2).
+                   10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
 
     "matmul"       1x1 kernels; other maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
@@ -161,7 +162,7 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS and many_rows:
         if min(out_hw) >= WINOGRAD_4X4_MAP and np.dtype(dtype) == np.float32:
             return "winograd_4x4"
-        if min(out_hw) >= WINOGRAD_MAP:
+        if min(out_hw) >= WINOGRAD_MAP or out_hw[0] * out_hw[1] > SMALL_MAP:
             return "winograd"
     if out_hw[0] * out_hw[1] <= SMALL_MAP:
         return "matmul"
@@ -193,15 +194,22 @@ def cpu_choice(how: str, x_shape, w_shape, dtype, stride, padding, dilation, out
     candidates = _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw)
     key, path = _shape_key(x_shape, w_shape, dtype, stride, padding, dilation), tune_cache_path()
     ms = _measured(path, key)
+    # A damaged entry, or one timed before the thresholds' choice was a lowering, is as if untimed.
+    if not (
+        isinstance(ms, dict)
+        and thresholds in ms
+        and set(ms) <= set(candidates)
+        and all(isinstance(t, (int, float)) for t in ms.values())
+    ):
+        ms = None
     if ms is None and how == "tune" and jax.default_backend() == "cpu" and not _UNTUNED.get():
         ms = _time_lowerings(candidates, x_shape, w_shape, (n, *out_hw, w_shape[3]), dtype, stride, padding, dilation)
         _record(path, key, ms)
-    timed = isinstance(ms, dict) and ms and set(ms) <= set(candidates)
-    if not (timed and all(isinstance(t, (int, float)) for t in ms.values())):  # untimed, or a damaged entry
+    if ms is None:
         return thresholds
     fastest = min(ms, key=ms.get)
     # The thresholds' choice stands unless another is clearly faster: timings vary by a few percent.
-    return thresholds if ms.get(thresholds, math.inf) <= TUNE_MARGIN * ms[fastest] else fastest
+    return thresholds if ms[thresholds] <= TUNE_MARGIN * ms[fastest] else fastest
 
 
 # Set while a model is traced for its shapes alone (analysis): nothing runs, so nothing is worth timing.
@@ -219,12 +227,14 @@ def untuned():
 
 
 def _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw) -> list[str]:
-    """The CPU lowerings that compute this convolution, and "xla_forward" only while its patches fit."""
+    """The CPU lowerings that compute this convolution, "xla_forward" only while its patches fit and
+    F(4x4) only in float32 (its error would be bfloat16's)."""
     (n, _, _, c), kernel_hw = x_shape, tuple(w_shape[:2])
     return [
         name
         for name in CPU_CONVS
         if (name not in WINOGRAD_CONVS or winograd_applies(kernel_hw, stride, dilation))
+        and (name != "winograd_4x4" or np.dtype(dtype) == np.float32)
         and (name != "xla_forward" or _xla_forward_fits(n, c, kernel_hw, out_hw, np.dtype(dtype).itemsize))
     ]
 
@@ -326,7 +336,8 @@ def _time_lowerings(candidates, x_shape, w_shape, y_shape, dtype, stride, paddin
     for name in candidates:
         conv = functools.partial(CPU_CONVS[name], stride=stride, padding=padding, dilation=dilation)
         loss = lambda x, w, dy, conv=conv: jnp.vdot(conv(x, w), dy)  # noqa: E731
-        steps[name] = jax.jit(jax.grad(loss, argnums=wrt))
+        # value_and_grad: XLA would drop from grad alone the forward, which no gradient reads.
+        steps[name] = jax.jit(jax.value_and_grad(loss, argnums=wrt))
     times = {name: [] for name in candidates}
     # Run now, also while a caller's function is being traced, and with the data's transfers allowed.
     with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):

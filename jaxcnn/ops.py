@@ -8,7 +8,7 @@ stride, dilation, groups, `ceil_mode` and `count_include_pad`.
 Everything lowers to `jax.lax.conv_general_dilated` and
 `jax.lax.reduce_window` with explicit dimension numbers, except where XLA's
 CPU is slow: there `conv2d` is patches and one matrix product, or
-Winograd's F(2x2, 3x3) (`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
+Winograd's F(2x2, 3x3) or F(4x4, 3x3) (`jaxcnn._lowering`; its `lowering=` switch picks). Max pooling is
 differentiated on every platform through a reshape or strided views of its
 input (`jaxcnn._lowering`), never reduce_window's select-and-scatter, so that
 its gradient is PyTorch's to the element, NaN and -inf included. Pooling
@@ -154,10 +154,10 @@ def conv2d(
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
     "winograd" is Winograd's F(2x2, 3x3) for 3x3 stride-1 undilated kernels,
-    "winograd_4x4" F(4x4, 3x3) (fewer products, about 3 bits less float32
+    "winograd_4x4" F(4x4, 3x3) (fewer products, 3-5 bits less float32
     precision), "auto"'s choice for any other kernel. "auto" picks by shape on
     CPU (`_lowering.auto_choice`). Winograd for those kernels on inputs of 64
-    channels or more, maps over 4x4 and many output rows (ResNet's bulk),
+    channels or more, maps of 4x4 and larger and many output rows (ResNet's bulk),
     F(4x4) on float32 maps of 12x12 and more;
     the products where XLA's convolution and above all its gradients are slow (up to 300x
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
