@@ -65,13 +65,8 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
-    parser.add_argument(
-        "--lowering",
-        # _lowering.LOWERINGS, written out: jaxcnn is imported only once the cores are pinned.
-        choices=["auto", "tune", "xla", "matmul", "winograd", "winograd_4x4"],
-        default=None,
-        help="default: $JAXCNN_CONV_LOWERING or auto",
-    )
+    # Checked once jaxcnn is imported (after the cores are pinned), as conv2d checks it.
+    parser.add_argument("--lowering", default=None, help="a conv2d lowering; default: $JAXCNN_CONV_LOWERING or auto")
     # Internal: the run a parent hands one model or one conv size, with its measured peak.
     parser.add_argument("--child-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,6 +95,10 @@ from torch import nn  # noqa: E402
 
 from jaxcnn import _hugepages, _lowering, analysis, models, ops, run  # noqa: E402
 
+try:  # --lowering, or $JAXCNN_CONV_LOWERING without it
+    _lowering.mode("compare_torch.py", ARGS.lowering)
+except ValueError as error:
+    sys.exit(str(error))
 torch.set_num_threads(ARGS.threads)
 
 
