@@ -141,10 +141,12 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    ResNet-18's (quiet Intel Xeon, batch 128; 1.0-1.3x on AMD EPYC before Winograd's
                    own weight gradient).
     "winograd_4x4" the same kernels in float32 on maps of at least 12x12 (WINOGRAD_4X4_MAP):
-                   F(4x4, 3x3), 4x fewer products; forward and backward 1.2-1.3x faster than
-                   F(2x2) on ResNet-18's 24x24x64 and 12x12x128 at batch 128, 0.8x on 6x6x256
-                   (tiles rounded up to 8x8), about even on 8x8x64 (AMD EPYC Zen 3). Its float32 error is
-                   10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
+                   F(4x4, 3x3), 4x fewer products. A ResNet-18 step at 96 px (24x24x64 and
+                   12x12x128 maps), batch 128, 15-20% faster than with F(2x2) everywhere; at 224 px
+                   (56, 28 and 14), batch 32, even. Alone, forward and backward, batch 128: 1.16x
+                   on 12x12x128, even on 24x24x64, 0.9x on 14x14x128 and 16x16x128, 0.8x on 6x6x256
+                   (tiles rounded up to 8x8): "tune" decides such shapes (AMD EPYC Zen 3). Its float32
+                   error is 10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
 
     "matmul"       1x1 kernels; other maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
