@@ -77,17 +77,6 @@ def conv_fn(lowering, kwargs):
     return functools.partial(ops.conv2d, **kwargs, precision=HIGHEST, lowering=lowering)
 
 
-def value_and_weight_grad(lowering, kwargs, x, w, dy):
-    """conv_fn's value and weight gradient for cotangent dy, jitted: run op by op, Winograd's many
-    small ops would each compile on their own (seconds)."""
-
-    def value_and_dw(x, w, dy):
-        y, vjp = jax.vjp(conv_fn(lowering, kwargs), x, w)
-        return y, vjp(dy)[1]
-
-    return jax.jit(value_and_dw)(x, w, dy)
-
-
 def compiled_hlo(f, *shapes):
     """The optimised HLO XLA compiles for f on these shapes (nothing is allocated or run)."""
     return jax.jit(f).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().as_text()
@@ -475,9 +464,15 @@ def test_winograd_float32_error_is_stated():
     x, w, dy = rng.normal(size=(2, 13, 13, 64)), rng.normal(size=(3, 3, 64, 8)), rng.normal(size=(2, 13, 13, 8))
     want = reference.conv2d(x, w, padding=1)
     want_dw = weight_grad_3x3_same(x, dy)
+
+    @functools.partial(jax.jit, static_argnums=0)  # op by op, Winograd's many small ops would each compile
+    def value_and_dw(lowering, x, w, dy):
+        y, vjp = jax.vjp(conv_fn(lowering, {"padding": 1}), x, w)
+        return y, vjp(dy)[1]
+
     err, err_dw = {}, {}
     for lowering in ("winograd", "winograd_4x4", "xla"):
-        y, dw = value_and_weight_grad(lowering, {"padding": 1}, np.float32(x), np.float32(w), np.float32(dy))
+        y, dw = value_and_dw(lowering, np.float32(x), np.float32(w), np.float32(dy))
         err[lowering] = np.abs(y - want).max() / np.abs(want).max()
         err_dw[lowering] = np.abs(dw - want_dw).max() / np.abs(want_dw).max()
     assert err["winograd"] < max(2 * err["xla"], 2e-7), err
