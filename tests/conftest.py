@@ -39,8 +39,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Every compile, not only those over JAX's default of a second: building a model is some 30 compiles of
 # 0.2 s (a random draw per weight shape), which every process that builds it made again.
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+)
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +86,9 @@ def smallest_font():
 
 
 def pytest_collection_modifyitems(items):
-    """The longest files first, longest first: under `--dist loadfile` each file goes whole to one worker,
-    in this order (pyproject's `--no-loadscope-reorder`; xdist would order them by their number of tests),
-    and a long file handed out last leaves the other worker idle. Seconds on a 2-core AMD EPYC VM: 203,
-    137, 129, 119, 99; the suite 649 s, with the files in xdist's order."""
+    """The five longest files first, longest first: under `--dist loadfile` each file goes whole to one
+    worker, in this order (pyproject's `--no-loadscope-reorder`; else xdist orders them by their number of
+    tests), and a long file handed out last leaves the other worker idle."""
     longest = ("test_runner.py", "test_lowering.py", "test_benchmarks.py", "test_ops.py", "test_export.py")
     rank = {name: i for i, name in enumerate(longest)}
     items.sort(key=lambda item: rank.get(item.path.name, len(longest)))  # stable: each file keeps its order
