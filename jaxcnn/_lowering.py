@@ -1,5 +1,5 @@
 """How `ops.conv2d` lowers on CPU: XLA's convolution, patches and a matrix product, or
-Winograd's F(2x2, 3x3) or F(4x4, 3x3); how max pooling is differentiated; and average pooling over windows
+Winograd's F(2x2, 3x3), F(3x3, 3x3) or F(4x4, 3x3); how max pooling is differentiated; and average pooling over windows
 that tile the map (`tiled_sum`).
 
 XLA's CPU convolution is slow on small feature maps (a 3x3 kernel on 2x2 or
@@ -32,7 +32,8 @@ XLA's forward is the faster one and its weight gradient 2-3x slower.
 
 `conv2d_winograd` computes a 3x3 stride-1 convolution from (m + 2)^2 input
 tiles at stride m: for m = 2, 16 products per 2x2 output tile where a direct
-convolution makes 36; for m = 4 ("winograd_4x4"), 36 per 4x4 tile for 144.
+convolution makes 36; for m = 3 ("winograd_3x3"), 25 per 3x3 tile for 81; for
+m = 4 ("winograd_4x4"), 36 per 4x4 tile for 144.
 The tile transforms are small sums, fused; the products are one batched
 matrix product. Its input gradient is the same algorithm on dY with the
 flipped kernel; its weight gradient the algorithm read backwards (tile sums,
@@ -75,7 +76,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxcnn import _files
 
-LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd", "winograd_4x4")
+LOWERINGS = ("auto", "tune", "xla", "matmul", "winograd", "winograd_3x3", "winograd_4x4")
 ENV_VAR = "JAXCNN_CONV_LOWERING"
 TUNE_CACHE_ENV = "JAXCNN_TUNE_CACHE"
 # Timed calls per lowering when tuning (after one that compiles); the fastest counts.
@@ -116,10 +117,18 @@ WINOGRAD_MAP = 4
 # Float32 maps at least this large on both sides take F(4x4, 3x3): fewer products and transformed
 # values than F(2x2)'s outweigh its costlier transforms and tiles rounded up to 4x4.
 WINOGRAD_4X4_MAP = 12
+# Smaller float32 maps of whole 3x3 tiles (3x3, 6x6, 9x9) take F(3x3, 3x3) from this many tiles in the
+# batch. Forward and backward (AMD EPYC Zen 3): 3x3x512 maps 28 ms vs the product's 30 at 32 tiles,
+# 55 vs 124 ms at 128, 100 vs 240 at 256; 6x6x256 maps 12.8 ms vs F(2x2)'s 8.6 at 64 tiles, 104 vs 132 at 1,024.
+WINOGRAD_3X3_TILES = 128
 # Bytes of transformed tiles per chunk of images: the tile products run faster on longer chunks
 # (64 channels: 200 GFLOP/s on 2,304 tiles, 110 on 576), but 16 MiB at once is slower again
 # (8x8x64 maps, batch 256: forward 12 ms, 6 ms in 8 MiB chunks; quiet Intel Xeon).
 WINOGRAD_CHUNK_BYTES = 8 * 2**20
+# ... but at least this many tiles per chunk: each chunk reads the whole transformed kernel, (m + 2)^2 * C * O
+# numbers, to use on its tiles alone. 3x3x512 maps at batch 256 under F(3x3), forward and backward: 183 ms
+# with 128 tiles a chunk (8 MiB), 151 ms with the whole batch; 6x6x256: 120 and 106 ms (AMD EPYC Zen 3).
+WINOGRAD_MIN_TILES = 1024
 
 
 def mode(fn: str, lowering: str | None) -> str:
@@ -147,6 +156,11 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    on 12x12x128, even on 24x24x64, 0.9x on 14x14x128 and 16x16x128, 0.8x on 6x6x256
                    (tiles rounded up to 8x8): "tune" decides such shapes (AMD EPYC Zen 3). Its float32
                    error is 10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
+    "winograd_3x3" the same kernels in float32 on smaller maps of whole 3x3 tiles (3x3, 6x6: ResNet-18's
+                   stages 4 and 3 at 96 px), from WINOGRAD_3X3_TILES tiles: F(3x3, 3x3), 3.2x fewer products,
+                   error about F(4x4)'s. Batch 256: 2.4x faster forward and backward than the product on
+                   3x3x512, 1.3x than F(2x2) on 6x6x256 (AMD EPYC Zen 3); on 3x3 maps F(2x2) and F(4x4)
+                   would round tiles up to 4x4.
 
     "matmul"       1x1 kernels; other maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
@@ -161,10 +175,14 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     many_rows = batch * out_hw[0] * out_hw[1] >= MANY_ROWS
     if kernel_hw == (1, 1):
         return "matmul"
-    if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS and many_rows:
-        if min(out_hw) >= WINOGRAD_4X4_MAP and np.dtype(dtype) == np.float32:
+    if winograd_applies(kernel_hw, stride, dilation) and channels >= WINOGRAD_CHANNELS:
+        float32 = np.dtype(dtype) == np.float32
+        if float32 and many_rows and min(out_hw) >= WINOGRAD_4X4_MAP:
             return "winograd_4x4"
-        if min(out_hw) >= WINOGRAD_MAP or out_hw[0] * out_hw[1] > SMALL_MAP:
+        whole_3x3_tiles = out_hw[0] % 3 == 0 and out_hw[1] % 3 == 0 and min(out_hw) < WINOGRAD_4X4_MAP
+        if float32 and whole_3x3_tiles and batch * out_hw[0] * out_hw[1] // 9 >= WINOGRAD_3X3_TILES:
+            return "winograd_3x3"
+        if many_rows and (min(out_hw) >= WINOGRAD_MAP or out_hw[0] * out_hw[1] > SMALL_MAP):
             return "winograd"
     if out_hw[0] * out_hw[1] <= SMALL_MAP:
         return "matmul"
@@ -236,7 +254,7 @@ def _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw) -> list[str]:
         name
         for name in CPU_CONVS
         if (name not in WINOGRAD_CONVS or winograd_applies(kernel_hw, stride, dilation))
-        and (name != "winograd_4x4" or np.dtype(dtype) == np.float32)
+        and (name not in FLOAT32_WINOGRAD_CONVS or np.dtype(dtype) == np.float32)
         and (name != "xla_forward" or _xla_forward_fits(n, c, kernel_hw, out_hw, np.dtype(dtype).itemsize))
     ]
 
@@ -775,6 +793,8 @@ def _patches_t(x, kernel_hw, out_hw, stride, padding, dilation) -> jax.Array:
 # direct convolution makes 9 m^2. {m: (B^T, G, A^T)}.
 # F(2x2): 16 products for 36. Coefficients 0, +-1 and 1/2 keep float32 within a few ulps
 # of the direct sum.
+# F(3x3) (points 0, +-1, 2): 25 products for 81, coefficients up to 4 and 1/6; its float32
+# error is about F(4x4)'s. It tiles 3x3 and 6x6 maps exactly, where F(4x4) would round up to 4x4 and 8x8.
 # F(4x4) (Lavin and Gray's points 0, +-1, +-2): 36 products for 144, and 36 transformed
 # values per 16 outputs where F(2x2) has 16 per 4, but its coefficients up to 8 and 1/24
 # cost float32 digits.
@@ -783,6 +803,16 @@ WINOGRAD = {
         np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
         np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32),
         np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32),
+    ),
+    3: (
+        np.array(
+            [[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]], np.float32
+        ),
+        np.array(
+            [[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3], [0, 0, 1]],
+            np.float32,
+        ),
+        np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]], np.float32),
     ),
     4: (
         np.array(
@@ -819,7 +849,7 @@ def winograd_applies(kernel_hw, stride, dilation) -> bool:
 
 def conv2d_winograd(x, w, *, stride, padding, dilation, precision=None, tile=2) -> jax.Array:
     """x (N, H, W, C), w (3, 3, C, O), stride 1, no dilation -> (N, Ho, Wo, O), as F(tile x tile, 3x3)
-    (`WINOGRAD`'s tiles: 2 or 4).
+    (`WINOGRAD`'s tiles: 2, 3 or 4).
 
     Its input gradient is a Winograd convolution too (of dY with the flipped
     kernel), its weight gradient `_winograd_weight_grad`: both as written, where
@@ -843,9 +873,8 @@ def _winograd_jvp(padding, precision, m, primals, tangents):
     terms = []
     if not isinstance(dx, SymbolicZero):
         (top, bottom), (left, right) = padding
-        flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
         flipped_pads = (2 - top, 2 - bottom), (2 - left, 2 - right)
-        input_grad = lambda dy: _winograd_conv(dy, flipped, flipped_pads, precision, m)  # noqa: E731
+        input_grad = lambda dy: _winograd_conv(dy, w, flipped_pads, precision, m, adjoint=True)  # noqa: E731
         terms.append(jax.linear_transpose(input_grad, y)(dx)[0])
     if not isinstance(dw, SymbolicZero):
         weight_grad = lambda dy: _winograd_weight_grad(x, dy, padding, precision, m)  # noqa: E731
@@ -886,15 +915,21 @@ def _winograd_tiles(x, padding, out_hw, m) -> jax.Array:
 
 
 def _winograd_chunk(x, th, tw, m) -> int:
-    """Images per chunk: WINOGRAD_CHUNK_BYTES of their (a * a, th * tw, C) transformed tiles."""
+    """Images per chunk: WINOGRAD_CHUNK_BYTES of their (a * a, th * tw, C) transformed tiles, or
+    WINOGRAD_MIN_TILES tiles if that is more."""
     n, _, _, c = x.shape
     per_image = (m + 2) ** 2 * th * tw * c * x.dtype.itemsize
-    return _divisor_near(n, min(n, max(1, WINOGRAD_CHUNK_BYTES // per_image)))
+    images = max(1, WINOGRAD_CHUNK_BYTES // per_image, -(-WINOGRAD_MIN_TILES // (th * tw)))
+    return _divisor_near(n, min(n, images))
 
 
-def _winograd_conv(x, w, padding, precision, m) -> jax.Array:
+def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
+    """x (N, H, W, C) convolved with w (3, 3, C, O), or with its adjoint if `adjoint` (w (3, 3, O, C) with
+    its taps flipped and its channels swapped, as the input gradient convolves): without moving w's numbers,
+    the flip taken by G's columns reversed, the swap by the product's contraction. (A transposed copy of
+    a 3x3x512x512 kernel fused into its transform took 40-60 ms, the transform alone 2 ms.)"""
     n, h, wd, c = x.shape
-    o = w.shape[3]
+    o = w.shape[2 if adjoint else 3]
     (top, bottom), (left, right) = padding
     ho, wo = h + top + bottom - 2, wd + left + right - 2
     th, tw = -(-ho // m), -(-wo // m)
@@ -902,11 +937,13 @@ def _winograd_conv(x, w, padding, precision, m) -> jax.Array:
     if n == 0:
         return jnp.zeros((0, ho, wo, o), jnp.result_type(x, w))
     # G g G^T in float32 (G is), then in the input's dtype: bfloat16 in, bfloat16 out.
-    u = _kernel_transform(w.astype(jnp.promote_types(w.dtype, jnp.float32)), g).astype(w.dtype)
+    u = _kernel_transform(w.astype(jnp.promote_types(w.dtype, jnp.float32)), g[:, ::-1] if adjoint else g)
+    u = u.astype(w.dtype)
 
     def conv(x):
         v = _winograd_tiles(x, padding, (ho, wo), m)
-        prods = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
+        contract = 2 if adjoint else 1
+        prods = lax.dot_general(v, u, (((2,), (contract,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
         # A^T prods A, separably (one stack per stage, as the tiles are built: F(4x4)'s output 7x faster
         # than summing through unstacked lists), then the m x m output tiles interleaved into the map.
         cols = jnp.stack([jnp.stack(_combine([prods[a * j + i] for i in range(a)], at)) for j in range(a)])
@@ -988,7 +1025,10 @@ CPU_CONVS = {
     "matmul": conv2d_matmul,
     "xla_forward": conv2d_xla_forward,
     "winograd": conv2d_winograd,
+    "winograd_3x3": functools.partial(conv2d_winograd, tile=3),
     "winograd_4x4": functools.partial(conv2d_winograd, tile=4),
 }
-# Those for 3x3 stride-1 undilated kernels only (`winograd_applies`): F(2x2, 3x3) and F(4x4, 3x3).
-WINOGRAD_CONVS = ("winograd", "winograd_4x4")
+# Those for 3x3 stride-1 undilated kernels only (`winograd_applies`): F(2x2, 3x3), F(3x3, 3x3) and F(4x4, 3x3).
+WINOGRAD_CONVS = ("winograd", "winograd_3x3", "winograd_4x4")
+# Those whose error is bfloat16's own in bfloat16: "auto" and "tune" take them in float32 only.
+FLOAT32_WINOGRAD_CONVS = ("winograd_3x3", "winograd_4x4")

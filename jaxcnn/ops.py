@@ -149,16 +149,18 @@ def conv2d(
     b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
     (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
 
-    lowering: "auto", "tune", "xla", "matmul", "winograd" or "winograd_4x4"; None reads $JAXCNN_CONV_LOWERING
+    lowering: "auto", "tune", "xla", "matmul", "winograd", "winograd_3x3" or "winograd_4x4"; None reads
+    $JAXCNN_CONV_LOWERING
     when conv2d runs or is traced (a jitted function keeps the lowering it
     was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
     "winograd" is Winograd's F(2x2, 3x3) for 3x3 stride-1 undilated kernels,
-    "winograd_4x4" F(4x4, 3x3) (fewer products, 3-5 bits less float32
-    precision), "auto"'s choice for any other kernel. "auto" picks by shape on
+    "winograd_3x3" F(3x3, 3x3) and "winograd_4x4" F(4x4, 3x3) (fewer products, 3-5 bits less
+    float32 precision), "auto"'s choice for any other kernel. "auto" picks by shape on
     CPU (`_lowering.auto_choice`). Winograd for those kernels on inputs of 64
     channels or more, maps of 4x4 and larger and many output rows (ResNet's bulk),
-    F(4x4) on float32 maps of 12x12 and more;
+    F(4x4) on float32 maps of 12x12 and more, F(3x3) on smaller float32 maps of whole 3x3 tiles
+    (3x3, 6x6) from 128 tiles, whatever the rows;
     the products where XLA's convolution and above all its gradients are slow (up to 300x
     on 2x2 and 1x1 maps; wide inputs at training batch sizes), XLA's forward
     with a product for the weight gradient on strided kernels over few

@@ -16,14 +16,15 @@ from jaxcnn import _files, _lowering, ops, reference
 
 HIGHEST = lax.Precision.HIGHEST
 assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
-# F(4x4, 3x3)'s transforms (coefficients up to 8 and 1/24) cost float32 digits: 1e-6 to 3e-6 of the
-# largest output where F(2x2)'s and XLA's cost 1e-7 (test_winograd_float32_error_is_stated, which bounds
-# it); atol 5e-4 here is 2e-5 of the largest outputs (about 25), room for the gradients' longer sums.
+# F(4x4, 3x3)'s and F(3x3, 3x3)'s transforms (coefficients up to 8 and 1/24, 4 and 1/6) cost float32
+# digits: 1e-6 to 3e-6 of the largest output where F(2x2)'s and XLA's cost 1e-7
+# (test_winograd_float32_error_is_stated, which bounds it); atol 5e-4 here is 2e-5 of the largest
+# outputs (about 25), room for the gradients' longer sums.
 assert_close_4x4 = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=5e-4)
 
 
 def close_for(lowering):
-    return assert_close_4x4 if lowering == "winograd_4x4" else assert_close
+    return assert_close_4x4 if lowering in _lowering.FLOAT32_WINOGRAD_CONVS else assert_close
 
 
 # name: (x shape in the layout, w shape in the layout, conv2d keywords). Each
@@ -115,7 +116,7 @@ def test_gradients_equal_xla(name):
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
 
     want = grads("xla")
-    for lowering in ("matmul", "winograd", "winograd_4x4", "auto"):
+    for lowering in ("matmul", "winograd", "winograd_3x3", "winograd_4x4", "auto"):
         got = grads(lowering)
         chex.assert_trees_all_equal_shapes(got, (x, w, b))
         for g, h, what in zip(got, want, ("x", "w", "b")):
@@ -148,6 +149,7 @@ def test_matmul_gradients_match_finite_differences(name):
         ("auto", (8, 4, 4, 16), (3, 3, 16, 32), dict(padding=1), False),  # 16 channels on a 4x4 map
         ("winograd", (2, 6, 6, 8), (3, 3, 8, 4), dict(padding=1), False),
         ("winograd", (2, 8, 8, 8), (3, 3, 8, 4), dict(padding=2, dilation=2), True),  # not 3x3 stride 1: "auto"'s
+        ("winograd_3x3", (2, 6, 6, 8), (3, 3, 8, 4), dict(padding=1), False),
         ("winograd_4x4", (2, 6, 6, 8), (3, 3, 8, 4), dict(padding=1), False),
         ("winograd_4x4", (2, 8, 8, 8), (3, 3, 8, 4), dict(padding=2, dilation=2), True),
     ],
@@ -193,7 +195,7 @@ def test_environment_switch_read_at_trace_time(monkeypatch):
 
 
 @pytest.mark.parametrize(  # batch-minor, plain patches, Winograd tiles
-    "channels, lowering", [(3, "matmul"), (8, "matmul"), (8, "winograd"), (8, "winograd_4x4")]
+    "channels, lowering", [(3, "matmul"), (8, "matmul"), (8, "winograd"), (8, "winograd_3x3"), (8, "winograd_4x4")]
 )
 def test_empty_batch(channels, lowering):
     x, w = np.ones((0, 5, 5, channels), np.float32), np.ones((3, 3, channels, 4), np.float32)
@@ -208,7 +210,7 @@ def test_tune_times_each_lowering_once_and_auto_follows(tune_cache, monkeypatch)
     assert_close(conv("tune", kwargs)(x, w, b), want)
     (timed,) = json.loads(tune_cache.read_text()).values()  # one machine
     (entry,) = timed.values()  # one shape
-    assert set(entry["ms"]) == {"xla", "matmul", "xla_forward", "winograd", "winograd_4x4"}
+    assert set(entry["ms"]) == {"xla", "matmul", "xla_forward", "winograd", "winograd_3x3", "winograd_4x4"}
     assert all(ms > 0 for ms in entry["ms"].values())
     # Timed once: neither "tune" nor "auto" times it again, in fresh traces and (reading the file) a fresh process.
     monkeypatch.setattr(_lowering, "_time_lowerings", lambda *args: pytest.fail("timed twice"))
@@ -324,6 +326,7 @@ def test_bfloat16_keeps_its_dtype():
         ("grey_5x5", "matmul"),
         ("3x3_wide", "matmul"),
         ("3x3_wide", "winograd"),
+        ("3x3_wide", "winograd_3x3"),
         ("3x3_wide", "winograd_4x4"),
     ],
 )
@@ -331,10 +334,11 @@ def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
     """Patches over CHUNK_BYTES (or Winograd tiles over WINOGRAD_CHUNK_BYTES) are built a few images
     at a time, in a loop, and rebuilt for the gradient."""
     x, w, b, kwargs = case_args(name, seed=3)
-    # Bytes of one image's patch matrix, or of its 16 x 2 x 2 (36 x 1 x 1) transformed tiles of 8 channels.
-    tiles = {"winograd": 2048, "winograd_4x4": 1152}
+    # Bytes of one image's patch matrix, or of its 16 x 2 x 2 (25 x 2 x 2, 36 x 1 x 1) transformed tiles of 8 channels.
+    tiles = {"winograd": 2048, "winograd_3x3": 3200, "winograd_4x4": 1152}
     per_image = {"asymmetric": 1296, "grey_5x5": 4900, "3x3_wide": tiles.get(lowering, 4608)}[name]
     monkeypatch.setattr(_lowering, "WINOGRAD_CHUNK_BYTES" if lowering in tiles else "CHUNK_BYTES", 3 * per_image)
+    monkeypatch.setattr(_lowering, "WINOGRAD_MIN_TILES", 1)
     x = np.concatenate([x, x[:1] + 1, -x, 2 * x])  # N = 7: two chunks of 3 (a loop that sums) and a remainder
     assert "while" in compiled_hlo(lambda x, w: ops.conv2d(x, w, **kwargs, lowering=lowering), x.shape, w.shape)
     close_for(lowering)(conv(lowering, kwargs)(x, w, b), reference.conv2d(x, w, b, **kwargs))
@@ -345,7 +349,7 @@ def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
     assert "while" in grad_fn(lowering).lower(x, w).compile().as_text()  # the gradients loop over chunks too
     for g, h in zip(grad_fn(lowering)(x, w), grad_fn("xla")(x, w)):
         # A weight gradient sums hundreds of products, over 3 chunks here (F(4x4): see assert_close_4x4).
-        np.testing.assert_allclose(g, h, rtol=1e-4, atol=5e-4 if lowering == "winograd_4x4" else 1e-4)
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=5e-4 if lowering in _lowering.FLOAT32_WINOGRAD_CONVS else 1e-4)
 
 
 def test_winograd_bfloat16_weight_gradient_sums_in_float32(monkeypatch):
@@ -422,20 +426,24 @@ def test_grey_images_sum_over_taps_forward_and_keep_forward_mode(monkeypatch):
 
 def test_winograd_forward_mode_and_choice():
     """Winograd's custom_jvp keeps jax.jvp working; "auto" takes it for ResNet's wide 3x3 stride-1
-    convolutions only, F(4x4) on float32 maps of 12x12 and more."""
+    convolutions only, F(4x4) on float32 maps of 12x12 and more, F(3x3) on smaller ones of whole 3x3 tiles."""
     x, w, _, kwargs = case_args("3x3_wide")
     tangents = (np.ones_like(x), np.ones_like(w))
-    lowerings = ("winograd", "winograd_4x4", "xla")
+    lowerings = ("winograd", "winograd_3x3", "winograd_4x4", "xla")
     # Jitted: run op by op, Winograd's many small ops each compile on their own (seconds).
     jvp = {
         lowering: jax.jit(jax.jvp, static_argnums=0)(conv_fn(lowering, kwargs), (x, w), tangents)[1]
         for lowering in lowerings
     }
     assert_close(jvp["winograd"], jvp["xla"])
+    assert_close_4x4(jvp["winograd_3x3"], jvp["xla"])
     assert_close_4x4(jvp["winograd_4x4"], jvp["xla"])
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24)) == "winograd_4x4"  # ResNet-18's stage 1 at 96 px
     assert _lowering.auto_choice(256, 128, (3, 3), (1, 1), (12, 12)) == "winograd_4x4"  # and stage 2
-    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (6, 6)) == "winograd"  # stage 3: 8x8 tiles would waste
+    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (6, 6)) == "winograd_3x3"  # stage 3: 2x2 whole 3x3 tiles
+    assert _lowering.auto_choice(256, 512, (3, 3), (1, 1), (3, 3)) == "winograd_3x3"  # stage 4: one tile
+    assert _lowering.auto_choice(64, 512, (3, 3), (1, 1), (3, 3)) == "matmul"  # 64 tiles
+    assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (6, 6), dtype=jnp.bfloat16) == "winograd"
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dtype=jnp.bfloat16) == "winograd"
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dilation=(2, 2)) == "matmul"
     assert _lowering.auto_choice(256, 32, (3, 3), (1, 1), (24, 24)) == "matmul"  # narrower: patches
@@ -459,7 +467,8 @@ def test_winograd_float32_error_is_stated():
     - F(2x2, 3x3)'s transforms add and halve: within twice that of XLA's direct convolution (both
       about 1e-7); its weight gradient's, which transforms both x and dY, within 3x (1.0-1.8x, 4e-7 to 9e-7).
     - F(4x4, 3x3)'s coefficients up to 8 and 1/24 cost 3-5 bits: 1e-6 to 3e-6 forward and for the
-      weight gradient, up to 30x XLA's; asserted below 5e-6."""
+      weight gradient, up to 30x XLA's; asserted below 5e-6.
+    - F(3x3, 3x3)'s, up to 4 and 1/6, about as many; asserted below 5e-6 too."""
     rng = np.random.default_rng(5)
     x, w, dy = rng.normal(size=(2, 13, 13, 64)), rng.normal(size=(3, 3, 64, 8)), rng.normal(size=(2, 13, 13, 8))
     want = reference.conv2d(x, w, padding=1)
@@ -471,11 +480,12 @@ def test_winograd_float32_error_is_stated():
         return y, vjp(dy)[1]
 
     err, err_dw = {}, {}
-    for lowering in ("winograd", "winograd_4x4", "xla"):
+    for lowering in ("winograd", "winograd_3x3", "winograd_4x4", "xla"):
         y, dw = value_and_dw(lowering, np.float32(x), np.float32(w), np.float32(dy))
         err[lowering] = np.abs(y - want).max() / np.abs(want).max()
         err_dw[lowering] = np.abs(dw - want_dw).max() / np.abs(want_dw).max()
     assert err["winograd"] < max(2 * err["xla"], 2e-7), err
     assert err_dw["winograd"] < max(3 * err_dw["xla"], 3e-7), err_dw
-    assert err["winograd_4x4"] < 5e-6 and err_dw["winograd_4x4"] < 5e-6, (err, err_dw)
-    assert err["winograd_4x4"] > err["winograd"]  # not F(2x2) under another name
+    for lowering in _lowering.FLOAT32_WINOGRAD_CONVS:
+        assert err[lowering] < 5e-6 and err_dw[lowering] < 5e-6, (err, err_dw)
+        assert err[lowering] > err["winograd"]  # not F(2x2) under another name
