@@ -126,9 +126,11 @@ WINOGRAD_3X3_TILES = 128
 # (8x8x64 maps, batch 256: forward 12 ms, 6 ms in 8 MiB chunks; quiet Intel Xeon).
 WINOGRAD_CHUNK_BYTES = 8 * 2**20
 # ... but at least this many tiles per chunk: each chunk reads the whole transformed kernel, (m + 2)^2 * C * O
-# numbers, to use on its tiles alone. 3x3x512 maps at batch 256 under F(3x3), forward and backward: 183 ms
-# with 128 tiles a chunk (8 MiB), 151 ms with the whole batch; 6x6x256: 120 and 106 ms (AMD EPYC Zen 3).
-WINOGRAD_MIN_TILES = 1024
+# numbers, to use on its tiles alone. Forward and backward, batch 256 (AMD EPYC Zen 3): 3x3x512 maps under
+# F(3x3) 183 ms with 128 tiles a chunk (8 MiB), 151 ms with the whole batch; 12x12x128 under F(4x4), 158 ms
+# with 1,024 tiles, 136-147 with 2,048, 109-119 with 4,096 (the whole batch); but 8x8x64 under F(2x2) 22 ms
+# with 2,048, 26 ms with 4,096 (a kernel whose transform stays in cache).
+WINOGRAD_MIN_TILES = 2048
 
 
 def mode(fn: str, lowering: str | None) -> str:
