@@ -125,12 +125,14 @@ WINOGRAD_3X3_TILES = 128
 # (64 channels: 200 GFLOP/s on 2,304 tiles, 110 on 576), but 16 MiB at once is slower again
 # (8x8x64 maps, batch 256: forward 12 ms, 6 ms in 8 MiB chunks; quiet Intel Xeon).
 WINOGRAD_CHUNK_BYTES = 8 * 2**20
-# ... but at least this many tiles per chunk: each chunk reads the whole transformed kernel, (m + 2)^2 * C * O
-# numbers, to use on its tiles alone. Forward and backward, batch 256 (AMD EPYC Zen 3): 3x3x512 maps under
-# F(3x3) 183 ms with 128 tiles a chunk (8 MiB), 151 ms with the whole batch; 12x12x128 under F(4x4), 158 ms
-# with 1,024 tiles, 136-147 with 2,048, 109-119 with 4,096 (the whole batch); but 8x8x64 under F(2x2) 22 ms
-# with 2,048, 26 ms with 4,096 (a kernel whose transform stays in cache).
-WINOGRAD_MIN_TILES = 2048
+# ... but at least this many tiles per chunk where the transformed kernel, (m + 2)^2 * C * O numbers that
+# each chunk reads whole, is over WINOGRAD_CACHED_KERNEL_BYTES (out of cache by the next chunk). Forward
+# and backward, batch 256 (AMD EPYC Zen 3): 3x3x512 maps under F(3x3) (26 MB) 183 ms with 128 tiles a chunk
+# (8 MiB), 151 ms with the whole batch; 12x12x128 under F(4x4) (2.4 MB), 158 ms with 1,024 tiles, 136-147
+# with 2,048, 109-119 with 4,096 (the whole batch). Smaller kernels keep the bytes' chunks: 24x24x64 under
+# F(4x4) (0.6 MB), 5-20% slower with 2,048 tiles; 8x8x64 under F(2x2) 22 ms with 2,048, 26 ms with 4,096.
+WINOGRAD_MIN_TILES = 4096
+WINOGRAD_CACHED_KERNEL_BYTES = 2**20
 
 
 def mode(fn: str, lowering: str | None) -> str:
@@ -916,12 +918,14 @@ def _winograd_tiles(x, padding, out_hw, m) -> jax.Array:
     )
 
 
-def _winograd_chunk(x, th, tw, m) -> int:
+def _winograd_chunk(x, th, tw, m, o) -> int:
     """Images per chunk: WINOGRAD_CHUNK_BYTES of their (a * a, th * tw, C) transformed tiles, or
-    WINOGRAD_MIN_TILES tiles if that is more."""
+    WINOGRAD_MIN_TILES tiles if that is more and the (a * a, C, O) transformed kernel is out of cache."""
     n, _, _, c = x.shape
-    per_image = (m + 2) ** 2 * th * tw * c * x.dtype.itemsize
-    images = max(1, WINOGRAD_CHUNK_BYTES // per_image, -(-WINOGRAD_MIN_TILES // (th * tw)))
+    a2, itemsize = (m + 2) ** 2, x.dtype.itemsize
+    images = max(1, WINOGRAD_CHUNK_BYTES // (a2 * th * tw * c * itemsize))
+    if a2 * c * o * itemsize > WINOGRAD_CACHED_KERNEL_BYTES:
+        images = max(images, -(-WINOGRAD_MIN_TILES // (th * tw)))
     return _divisor_near(n, min(n, images))
 
 
@@ -954,7 +958,7 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
         return y[:, :ho, :wo]
 
     # WINOGRAD_CHUNK_BYTES of tiles at a time, as the patch product chunks its patches.
-    chunk = _winograd_chunk(x, th, tw, m)
+    chunk = _winograd_chunk(x, th, tw, m, o)
     if chunk == n:
         return conv(x)
     whole = n // chunk * chunk
@@ -988,7 +992,7 @@ def _winograd_weight_grad(x, dy, padding, precision, m) -> jax.Array:
 
     # Chunked as the forward is; the tiles are rebuilt from x (jax.checkpoint) rather than kept.
     tile_sums = jax.checkpoint(tile_sums)
-    chunk = _winograd_chunk(x, th, tw, m)
+    chunk = _winograd_chunk(x, th, tw, m, o)
     whole = n // chunk * chunk
     chunks = lambda z: z[:whole].reshape(-1, chunk, *z.shape[1:])  # noqa: E731
     du, _ = lax.scan(lambda du, xy: (du + tile_sums(*xy), None), jnp.zeros((a * a, c, o), acc), (chunks(x), chunks(dy)))
