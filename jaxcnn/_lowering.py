@@ -119,7 +119,8 @@ WINOGRAD_MAP = 4
 WINOGRAD_4X4_MAP = 12
 # Smaller float32 maps of whole 3x3 tiles (3x3, 6x6, 9x9) take F(3x3, 3x3) from this many tiles in the
 # batch. Forward and backward (AMD EPYC Zen 3): 3x3x512 maps 28 ms vs the product's 30 at 32 tiles,
-# 55 vs 124 ms at 128, 100 vs 240 at 256; 6x6x256 maps 12.8 ms vs F(2x2)'s 8.6 at 64 tiles, 104 vs 132 at 1,024.
+# 55 vs 124 ms at 128, 100 vs 240 at 256; 6x6x256 maps 12.8 ms vs F(2x2)'s 8.6 at 64 tiles, 13.8 vs
+# XLA's 29.2 (what "auto" took) at 128, 104 vs F(2x2)'s 132 at 1,024; 9x9x128 at 144 tiles 5.9 vs XLA's 8.7.
 WINOGRAD_3X3_TILES = 128
 # Bytes of transformed tiles per chunk of images: the tile products run faster on longer chunks
 # (64 channels: 200 GFLOP/s on 2,304 tiles, 110 on 576), but 16 MiB at once is slower again
@@ -133,6 +134,9 @@ WINOGRAD_CHUNK_BYTES = 8 * 2**20
 # F(4x4) (0.6 MB), 5-20% slower with 2,048 tiles; 8x8x64 under F(2x2) 22 ms with 2,048, 26 ms with 4,096.
 WINOGRAD_MIN_TILES = 4096
 WINOGRAD_CACHED_KERNEL_BYTES = 2**20
+# The floor's chunks hold at most this many bytes of tiles (the whole batch of 12x12x128 maps above is 42 MB;
+# a floor of 28x28x512 maps would be 300 MB).
+WINOGRAD_MAX_CHUNK_BYTES = 64 * 2**20
 
 
 def mode(fn: str, lowering: str | None) -> str:
@@ -149,7 +153,8 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
     from measurements on 2-core VMs (AVX-512 Intel and AMD; Winograd's map sizes on an AVX2 AMD Zen 3):
 
     "winograd"     3x3 stride-1 undilated kernels on maps of 4x4 and larger with at least 64 input
-                   channels and many output rows (ResNet's and VGG's bulk): F(2x2, 3x3) makes
+                   channels and many output rows (ResNet's and VGG's bulk) that neither F(4x4) nor
+                   F(3x3) below takes (and in bfloat16): F(2x2, 3x3) makes
                    2.25x fewer products; forward and backward 1.26-1.68x faster than the next best on
                    ResNet-18's (quiet Intel Xeon, batch 128; 1.0-1.3x on AMD EPYC before Winograd's
                    own weight gradient).
@@ -160,8 +165,9 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    on 12x12x128, even on 24x24x64, 0.9x on 14x14x128 and 16x16x128, 0.8x on 6x6x256
                    (tiles rounded up to 8x8): "tune" decides such shapes (AMD EPYC Zen 3). Its float32
                    error is 10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
-    "winograd_3x3" the same kernels in float32 on smaller maps of whole 3x3 tiles (3x3, 6x6: ResNet-18's
-                   stages 4 and 3 at 96 px), from WINOGRAD_3X3_TILES tiles: F(3x3, 3x3), 3.2x fewer products,
+    "winograd_3x3" the same kernels in float32 on smaller maps of whole 3x3 tiles (sides of 3, 6 or 9:
+                   ResNet-18's stages 4 and 3 at 96 px), from WINOGRAD_3X3_TILES tiles, however few rows:
+                   F(3x3, 3x3), 3.2x fewer products,
                    error about F(4x4)'s. Batch 256: 2.4x faster forward and backward than the product on
                    3x3x512, 1.3x than F(2x2) on 6x6x256 (AMD EPYC Zen 3); on 3x3 maps F(2x2) and F(4x4)
                    would round tiles up to 4x4.
@@ -252,7 +258,7 @@ def untuned():
 
 def _candidates(x_shape, w_shape, dtype, stride, dilation, out_hw) -> list[str]:
     """The CPU lowerings that compute this convolution, "xla_forward" only while its patches fit and
-    F(4x4) only in float32 (its error would be bfloat16's)."""
+    F(3x3) and F(4x4) only in float32 (FLOAT32_WINOGRAD_CONVS)."""
     (n, _, _, c), kernel_hw = x_shape, tuple(w_shape[:2])
     return [
         name
@@ -923,9 +929,11 @@ def _winograd_chunk(x, th, tw, m, o) -> int:
     WINOGRAD_MIN_TILES tiles if that is more and the (a * a, C, O) transformed kernel is out of cache."""
     n, _, _, c = x.shape
     a2, itemsize = (m + 2) ** 2, x.dtype.itemsize
-    images = max(1, WINOGRAD_CHUNK_BYTES // (a2 * th * tw * c * itemsize))
+    per_image = a2 * th * tw * c * itemsize
+    images = max(1, WINOGRAD_CHUNK_BYTES // per_image)
     if a2 * c * o * itemsize > WINOGRAD_CACHED_KERNEL_BYTES:
-        images = max(images, -(-WINOGRAD_MIN_TILES // (th * tw)))
+        floor = min(-(-WINOGRAD_MIN_TILES // (th * tw)), WINOGRAD_MAX_CHUNK_BYTES // per_image)
+        images = max(images, floor)
     return _divisor_near(n, min(n, images))
 
 
@@ -946,9 +954,10 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
     u = _kernel_transform(w.astype(jnp.promote_types(w.dtype, jnp.float32)), g[:, ::-1] if adjoint else g)
     u = u.astype(w.dtype)
 
+    contract = 2 if adjoint else 1  # u's input-channel axis
+
     def conv(x):
         v = _winograd_tiles(x, padding, (ho, wo), m)
-        contract = 2 if adjoint else 1
         prods = lax.dot_general(v, u, (((2,), (contract,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
         # A^T prods A, separably (one stack per stage, as the tiles are built: F(4x4)'s output 7x faster
         # than summing through unstacked lists), then the m x m output tiles interleaved into the map.
@@ -1036,5 +1045,5 @@ CPU_CONVS = {
 }
 # Those for 3x3 stride-1 undilated kernels only (`winograd_applies`): F(2x2, 3x3), F(3x3, 3x3) and F(4x4, 3x3).
 WINOGRAD_CONVS = ("winograd", "winograd_3x3", "winograd_4x4")
-# Those whose error is bfloat16's own in bfloat16: "auto" and "tune" take them in float32 only.
+# Those whose 3-5 bits of extra error would cost bfloat16 most of its 8: "auto" and "tune" take them in float32 only.
 FLOAT32_WINOGRAD_CONVS = ("winograd_3x3", "winograd_4x4")

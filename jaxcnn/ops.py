@@ -149,10 +149,9 @@ def conv2d(
     b: None or (O,). stride, dilation: int or pair. padding: int or (ph, pw)
     (symmetric, as PyTorch), ((top, bottom), (left, right)), "SAME" or "VALID".
 
-    lowering: "auto", "tune", "xla", "matmul", "winograd", "winograd_3x3" or "winograd_4x4"; None reads
-    $JAXCNN_CONV_LOWERING
-    when conv2d runs or is traced (a jitted function keeps the lowering it
-    was traced with), default "auto". "xla" is lax.conv_general_dilated.
+    lowering: "auto", "tune", "xla", "matmul", "winograd", "winograd_3x3" or "winograd_4x4"; None
+    reads $JAXCNN_CONV_LOWERING when conv2d runs or is traced (a jitted function keeps the lowering
+    it was traced with), default "auto". "xla" is lax.conv_general_dilated.
     "matmul" is patches @ kernel as matrix products (`jaxcnn._lowering`).
     "winograd" is Winograd's F(2x2, 3x3) for 3x3 stride-1 undilated kernels,
     "winograd_3x3" F(3x3, 3x3) and "winograd_4x4" F(4x4, 3x3) (fewer products, 3-5 bits less

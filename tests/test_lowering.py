@@ -20,11 +20,11 @@ assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-
 # digits: 1e-6 to 3e-6 of the largest output where F(2x2)'s and XLA's cost 1e-7
 # (test_winograd_float32_error_is_stated, which bounds it); atol 5e-4 here is 2e-5 of the largest
 # outputs (about 25), room for the gradients' longer sums.
-assert_close_4x4 = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=5e-4)
+assert_close_wide_winograd = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=5e-4)
 
 
 def close_for(lowering):
-    return assert_close_4x4 if lowering in _lowering.FLOAT32_WINOGRAD_CONVS else assert_close
+    return assert_close_wide_winograd if lowering in _lowering.FLOAT32_WINOGRAD_CONVS else assert_close
 
 
 # name: (x shape in the layout, w shape in the layout, conv2d keywords). Each
@@ -348,8 +348,25 @@ def test_chunked_batches_equal_xla(monkeypatch, name, lowering):
 
     assert "while" in grad_fn(lowering).lower(x, w).compile().as_text()  # the gradients loop over chunks too
     for g, h in zip(grad_fn(lowering)(x, w), grad_fn("xla")(x, w)):
-        # A weight gradient sums hundreds of products, over 3 chunks here (F(4x4): see assert_close_4x4).
+        # A weight gradient sums hundreds of products, over 3 chunks here (F(3x3), F(4x4):
+        # see assert_close_wide_winograd).
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=5e-4 if lowering in _lowering.FLOAT32_WINOGRAD_CONVS else 1e-4)
+
+
+def test_winograd_chunks_hold_a_floor_of_tiles_for_kernels_out_of_cache():
+    """Images per chunk: WINOGRAD_CHUNK_BYTES of tiles, but WINOGRAD_MIN_TILES where the transformed
+    kernel is over WINOGRAD_CACHED_KERNEL_BYTES, within WINOGRAD_MAX_CHUNK_BYTES."""
+
+    def chunk(shape, m, o):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return _lowering._winograd_chunk(x, -(-shape[1] // m), -(-shape[2] // m), m, o)
+
+    # 24x24x64 under F(4x4): a 0.6 MB kernel, 8 MiB of 332 KB images, 25, taken down to 16 (a divisor).
+    assert chunk((256, 24, 24, 64), 4, 64) == 16
+    assert chunk((256, 12, 12, 128), 4, 128) == 256  # 2.4 MB: 4,096 tiles of 9 an image, the whole batch
+    assert chunk((256, 3, 3, 512), 3, 512) == 256  # F(3x3) on ResNet-18's stage 4: 26 MB
+    assert chunk((256, 3, 3, 256), 3, 512) == 256  # the input gradient's, channels swapped: as large
+    assert chunk((256, 28, 28, 512), 4, 512) == 16  # 28x28x512: the floor capped at 64 MiB, 18 images of 3.6 MB
 
 
 def test_winograd_bfloat16_weight_gradient_sums_in_float32(monkeypatch):
@@ -436,13 +453,16 @@ def test_winograd_forward_mode_and_choice():
         for lowering in lowerings
     }
     assert_close(jvp["winograd"], jvp["xla"])
-    assert_close_4x4(jvp["winograd_3x3"], jvp["xla"])
-    assert_close_4x4(jvp["winograd_4x4"], jvp["xla"])
+    assert_close_wide_winograd(jvp["winograd_3x3"], jvp["xla"])
+    assert_close_wide_winograd(jvp["winograd_4x4"], jvp["xla"])
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24)) == "winograd_4x4"  # ResNet-18's stage 1 at 96 px
     assert _lowering.auto_choice(256, 128, (3, 3), (1, 1), (12, 12)) == "winograd_4x4"  # and stage 2
     assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (6, 6)) == "winograd_3x3"  # stage 3: 2x2 whole 3x3 tiles
     assert _lowering.auto_choice(256, 512, (3, 3), (1, 1), (3, 3)) == "winograd_3x3"  # stage 4: one tile
-    assert _lowering.auto_choice(64, 512, (3, 3), (1, 1), (3, 3)) == "matmul"  # 64 tiles
+    assert _lowering.auto_choice(128, 512, (3, 3), (1, 1), (3, 3)) == "winograd_3x3"  # 128 tiles, 1,152 rows
+    assert _lowering.auto_choice(127, 512, (3, 3), (1, 1), (3, 3)) == "matmul"  # 127 tiles
+    assert _lowering.auto_choice(16, 128, (3, 3), (1, 1), (9, 9)) == "winograd_3x3"  # 144 tiles
+    assert _lowering.auto_choice(256, 128, (3, 3), (1, 1), (6, 8)) == "winograd"  # not whole 3x3 tiles
     assert _lowering.auto_choice(256, 256, (3, 3), (1, 1), (6, 6), dtype=jnp.bfloat16) == "winograd"
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dtype=jnp.bfloat16) == "winograd"
     assert _lowering.auto_choice(256, 64, (3, 3), (1, 1), (24, 24), dilation=(2, 2)) == "matmul"
@@ -468,24 +488,29 @@ def test_winograd_float32_error_is_stated():
       about 1e-7); its weight gradient's, which transforms both x and dY, within 3x (1.0-1.8x, 4e-7 to 9e-7).
     - F(4x4, 3x3)'s coefficients up to 8 and 1/24 cost 3-5 bits: 1e-6 to 3e-6 forward and for the
       weight gradient, up to 30x XLA's; asserted below 5e-6.
-    - F(3x3, 3x3)'s, up to 4 and 1/6, about as many; asserted below 5e-6 too."""
+    - F(3x3, 3x3)'s, up to 4 and 1/6, about as many; asserted below 5e-6 too.
+    The input gradient, each one's algorithm on dY with the kernel's adjoint, is bounded as its forward is."""
     rng = np.random.default_rng(5)
     x, w, dy = rng.normal(size=(2, 13, 13, 64)), rng.normal(size=(3, 3, 64, 8)), rng.normal(size=(2, 13, 13, 8))
     want = reference.conv2d(x, w, padding=1)
     want_dw = weight_grad_3x3_same(x, dy)
+    want_dx = reference.conv2d(dy, np.flip(w, (0, 1)).transpose(0, 1, 3, 2), padding=1)
 
     @functools.partial(jax.jit, static_argnums=0)  # op by op, Winograd's many small ops would each compile
-    def value_and_dw(lowering, x, w, dy):
+    def value_and_grads(lowering, x, w, dy):
         y, vjp = jax.vjp(conv_fn(lowering, {"padding": 1}), x, w)
-        return y, vjp(dy)[1]
+        return y, *vjp(dy)
 
-    err, err_dw = {}, {}
+    err, err_dx, err_dw = {}, {}, {}
     for lowering in ("winograd", "winograd_3x3", "winograd_4x4", "xla"):
-        y, dw = value_and_dw(lowering, np.float32(x), np.float32(w), np.float32(dy))
+        y, dx, dw = value_and_grads(lowering, np.float32(x), np.float32(w), np.float32(dy))
         err[lowering] = np.abs(y - want).max() / np.abs(want).max()
+        err_dx[lowering] = np.abs(dx - want_dx).max() / np.abs(want_dx).max()
         err_dw[lowering] = np.abs(dw - want_dw).max() / np.abs(want_dw).max()
     assert err["winograd"] < max(2 * err["xla"], 2e-7), err
+    assert err_dx["winograd"] < max(2 * err_dx["xla"], 2e-7), err_dx
     assert err_dw["winograd"] < max(3 * err_dw["xla"], 3e-7), err_dw
     for lowering in _lowering.FLOAT32_WINOGRAD_CONVS:
-        assert err[lowering] < 5e-6 and err_dw[lowering] < 5e-6, (err, err_dw)
+        assert max(err[lowering], err_dx[lowering], err_dw[lowering]) < 5e-6, (err, err_dx, err_dw)
         assert err[lowering] > err["winograd"]  # not F(2x2) under another name
+    assert err["winograd_3x3"] != err["winograd_4x4"]  # nor F(3x3) and F(4x4) one algorithm
