@@ -52,8 +52,8 @@ def test_lenet_bn_maps_come_after_batch_norm_and_the_activation():
     model = models.create("lenet_bn", activation="relu")
     model.eval()
     conv, bn = model.net.layers[0], model.net.layers[1]
-    bn.scale.value = bn.scale.value * 3.0  # so that skipping batch norm would show
-    bn.bias.value = bn.bias.value - 0.1
+    bn.scale[...] = bn.scale[...] * 3.0  # so that skipping batch norm would show
+    bn.bias[...] = bn.bias[...] - 0.1
     x = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype(np.float32)
     maps = feature_maps.conv_activations(model, x)
     assert list(maps) == ["conv1", "conv2"]
