@@ -167,10 +167,9 @@ def auto_choice(batch: int, channels: int, kernel_hw, stride, out_hw, dilation=(
                    error is 10-30x F(2x2)'s (3-5 bits), so bfloat16 keeps F(2x2).
     "winograd_3x3" the same kernels in float32 on smaller maps of whole 3x3 tiles (sides of 3, 6 or 9:
                    ResNet-18's stages 4 and 3 at 96 px), from WINOGRAD_3X3_TILES tiles, however few rows:
-                   F(3x3, 3x3), 3.2x fewer products,
-                   error about F(4x4)'s. Batch 256: 2.4x faster forward and backward than the product on
-                   3x3x512, 1.3x than F(2x2) on 6x6x256 (AMD EPYC Zen 3); on 3x3 maps F(2x2) and F(4x4)
-                   would round tiles up to 4x4.
+                   F(3x3, 3x3), 3.2x fewer products, its error about F(4x4)'s. Batch 256: 2.4x faster
+                   forward and backward than the product on 3x3x512, 1.3x than F(2x2) on 6x6x256 (AMD
+                   EPYC Zen 3); on 3x3 maps F(2x2) and F(4x4) would round tiles up to 4x4.
 
     "matmul"       1x1 kernels; other maps of 16 pixels or fewer, where XLA's convolution runs tens of
                    times below the matrix-product rate; wide inputs (>= 32 channels) with many
