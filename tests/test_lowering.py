@@ -73,6 +73,18 @@ def conv(lowering, kwargs):
     return jax.jit(conv_fn(lowering, kwargs))
 
 
+def lowerings_for(name) -> list[str]:
+    """The lowerings worth comparing on a case: "tune" is "auto" with measured choices (test_tune_*), and
+    Winograd's, where it does not apply, "auto"'s choice again (test_lowering_chosen holds that)."""
+    _, w_shape, kwargs = CASES[name]
+    kernel_hw = w_shape[2:] if kwargs.get("layout") == "NCHW" else w_shape[:2]
+    as_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    applies = _lowering.winograd_applies(
+        kernel_hw, as_pair(kwargs.get("stride", 1)), as_pair(kwargs.get("dilation", 1))
+    )
+    return [lo for lo in _lowering.LOWERINGS if lo != "tune" and (applies or lo not in _lowering.WINOGRAD_CONVS)]
+
+
 def conv_fn(lowering, kwargs):
     """ops.conv2d with these keywords and lowering, at full float32 precision."""
     return functools.partial(ops.conv2d, **kwargs, precision=HIGHEST, lowering=lowering)
@@ -95,8 +107,7 @@ def weight_grad_3x3_same(x, dy) -> np.ndarray:
 def test_values_equal_xla_and_twin(name):
     x, w, b, kwargs = case_args(name)
     want = reference.conv2d(x, w, b, **kwargs)
-    # "tune" is "auto" with measured choices (test_tune_*): timing every case here would cost a minute.
-    ys = {lowering: conv(lowering, kwargs)(x, w, b) for lowering in _lowering.LOWERINGS if lowering != "tune"}
+    ys = {lowering: conv(lowering, kwargs)(x, w, b) for lowering in lowerings_for(name)}
     for lowering, y in ys.items():
         chex.assert_shape(y, want.shape)
         close_for(lowering)(y, want, err_msg=lowering)
@@ -116,7 +127,7 @@ def test_gradients_equal_xla(name):
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
 
     want = grads("xla")
-    for lowering in ("matmul", "winograd", "winograd_3x3", "winograd_4x4", "auto"):
+    for lowering in [lo for lo in lowerings_for(name) if lo != "xla"]:
         got = grads(lowering)
         chex.assert_trees_all_equal_shapes(got, (x, w, b))
         for g, h, what in zip(got, want, ("x", "w", "b")):
