@@ -946,7 +946,7 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
     (top, bottom), (left, right) = padding
     ho, wo = h + top + bottom - 2, wd + left + right - 2
     th, tw = -(-ho // m), -(-wo // m)
-    a, (_, g, at) = m + 2, WINOGRAD[m]
+    _, g, at = WINOGRAD[m]
     if n == 0:
         return jnp.zeros((0, ho, wo, o), jnp.result_type(x, w))
     # G g G^T in float32 (G is), then in the input's dtype: bfloat16 in, bfloat16 out.
@@ -958,10 +958,8 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
     def conv(x):
         v = _winograd_tiles(x, padding, (ho, wo), m)
         prods = lax.dot_general(v, u, (((2,), (contract,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
-        # A^T prods A, separably (one stack per stage, as the tiles are built: F(4x4)'s output 7x faster
-        # than summing through unstacked lists), then the m x m output tiles interleaved into the map.
-        cols = jnp.stack([jnp.stack(_combine([prods[a * j + i] for i in range(a)], at)) for j in range(a)])
-        y = jnp.stack([jnp.stack(_combine([cols[j, p] for j in range(a)], at)) for p in range(m)])
+        # A^T prods A, then the m x m output tiles interleaved into the map.
+        y = _from_tiles(prods, at)
         y = y.reshape(m, m, -1, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, m * th, m * tw, o)
         return y[:, :ho, :wo]
 
@@ -1006,26 +1004,27 @@ def _winograd_weight_grad(x, dy, padding, precision, m) -> jax.Array:
     du, _ = lax.scan(lambda du, xy: (du + tile_sums(*xy), None), jnp.zeros((a * a, c, o), acc), (chunks(x), chunks(dy)))
     if whole < n:  # the remainder, as one smaller chunk
         du = du + tile_sums(x[whole:], dy[whole:])
-    return _kernel_transform_t(du, g).astype(dy.dtype)
+    return _from_tiles(du, g.T).astype(dy.dtype)
 
 
-# The kernel's transforms as sums of its taps' (C, O) slices, fused elementwise work: as an einsum
-# over the (3, 3) taps, XLA took 54 ms on a 3x3x512x512 kernel (AMD EPYC Zen 3), longer than the
-# tile products of a 256-image batch.
 def _kernel_transform(w, g) -> jax.Array:
-    """G w G^T of w (3, 3, C, O) as (a * a, C, O), tile index column-major (a * j + i)."""
+    """G w G^T of w (3, 3, C, O) as (a * a, C, O), tile index column-major (a * j + i): sums of its taps'
+    (C, O) slices, fused elementwise work. (As an einsum over the taps, XLA took 54 ms on a 3x3x512x512
+    kernel, longer than the tile products of a 256-image batch; AMD EPYC Zen 3. So did the weight
+    gradient's G^T du G, now `_from_tiles`.)"""
     cols = [_combine([w[r, s] for s in range(3)], g) for r in range(3)]  # cols[r][j]: sum_s G[j, s] w[r, s]
     return jnp.stack([jnp.stack(_combine([cols[r][j] for r in range(3)], g)) for j in range(len(g))]).reshape(
         -1, *w.shape[2:]
     )
 
 
-def _kernel_transform_t(du, g) -> jax.Array:
-    """G^T du G of du (a * a, C, O), tile index column-major as `_kernel_transform` makes it, as (3, 3, C, O)."""
-    a = len(g)
-    du = du.reshape(a, a, *du.shape[1:])
-    rows = [_combine([du[j, i] for i in range(a)], g.T) for j in range(a)]  # rows[j][r]: sum_i G[i, r] du[j, i]
-    return jnp.stack([jnp.stack(_combine([rows[j][r] for j in range(a)], g.T)) for r in range(3)])
+def _from_tiles(t, m) -> jax.Array:
+    """M t M^T for M (k, a) of t (a * a, ...), tile index column-major (a * j + i), as (k, k, ...): the output
+    transform (M = A^T) and the weight gradient's (M = G^T). Separably, one stack per stage, as the tiles
+    are built: F(4x4)'s output transform 7x faster than summing through unstacked lists."""
+    a = m.shape[1]
+    cols = jnp.stack([jnp.stack(_combine([t[a * j + i] for i in range(a)], m)) for j in range(a)])  # [j, p]
+    return jnp.stack([jnp.stack(_combine([cols[j, p] for j in range(a)], m)) for p in range(m.shape[0])])
 
 
 def conv2d_xla(x, w, *, stride, padding, dilation, precision=None) -> jax.Array:
