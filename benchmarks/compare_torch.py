@@ -17,7 +17,7 @@ with the same batch, shapes and plain SGD:
           the fraction of the matrix-product peak (a large jnp.dot) they reach.
 Times are medians over --repeats after warm-up, jaxcnn and torch taking turns
 (each turn one untimed call, then about a quarter second of back-to-back calls) so a busy machine
-slows both alike; each model and each conv size runs in a fresh process of
+slows both alike; each model and each conv runs in a fresh process of
 its own. ratio = jaxcnn images/s / torch images/s, and
 torch ms / jaxcnn ms for convs: above 1 means jaxcnn is faster. --lowering
 (or $JAXCNN_CONV_LOWERING) picks conv2d's lowering; "xla" shows the gain,
@@ -55,12 +55,14 @@ RESNET18_CONVS = lambda s: [  # noqa: E731
     ("stage4_1x1_s2", s // 16, 256, 512, 1, 2, 0),
     ("stage4_3x3", s // 32, 512, 512, 3, 1, 1),
 ]
+CONV_NAMES = [conv[0] for conv in RESNET18_CONVS(32)]
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}; '' for none")
     parser.add_argument("--conv-sizes", default="32,96", help="ResNet-18 input sizes whose convs to time; '' for none")
+    parser.add_argument("--convs", default=",".join(CONV_NAMES), help="comma-separated, from the convs' names")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
@@ -72,8 +74,11 @@ def parse_args():
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.conv_sizes = [int(s) for s in args.conv_sizes.split(",") if s]
+    args.convs = [c for c in args.convs.split(",") if c]
     if unknown := [m for m in args.models if m not in MODELS]:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if unknown := [c for c in args.convs if c not in CONV_NAMES]:
+        parser.error(f"unknown convs {unknown}; choose from {CONV_NAMES}")
     if min(args.batch_size, args.threads, args.repeats, args.steps) < 1:
         parser.error("--batch-size, --threads, --repeats and --steps must be positive")
     return args
@@ -324,7 +329,7 @@ def bench_conv(n, h, c, o, k, stride, padding, input_grad: bool, repeats: int) -
 def bench_convs(args, peak: float) -> list:
     rows, lowering = [], _lowering.mode("compare_torch", None)
     for size in args.conv_sizes:
-        for name, h, c, o, k, stride, padding in RESNET18_CONVS(size):
+        for name, h, c, o, k, stride, padding in (conv for conv in RESNET18_CONVS(size) if conv[0] in args.convs):
             ho = (h + 2 * padding - k) // stride + 1
             # What conv2d runs: a Winograd lowering takes "auto"'s choice where it does not apply.
             chosen = lowering in ("auto", "tune") or (
@@ -345,11 +350,12 @@ def bench_convs(args, peak: float) -> list:
 
 
 def in_children(args, peak: float) -> tuple[dict, list]:
-    """Each model and each conv size timed in a fresh process: XLA's CPU runtime ran a
-    ResNet-18 step 10-20% slower after another model's steps in the same process."""
+    """Each model and each conv timed in a fresh process: XLA's CPU runtime ran a ResNet-18 step
+    10-20% slower after another model's steps in the same process, and stage 1's 3x3 at 96 px
+    forward in 128 ms after the stem's turn, 57-68 ms alone (AMD EPYC Zen 3)."""
     models, convs = {}, []
     jobs = [(["--models", m, "--conv-sizes", ""]) for m in args.models]
-    jobs += [(["--models", "", "--conv-sizes", str(size)]) for size in args.conv_sizes]
+    jobs += [["--models", "", "--conv-sizes", str(size), "--convs", c] for size in args.conv_sizes for c in args.convs]
     for job in jobs:
         common = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--repeats", str(args.repeats)]
         command = [
@@ -376,7 +382,7 @@ def main():
     else:
         peak = ARGS.child_peak_gflops
     start_load = round(os.getloadavg()[0], 2)
-    if ARGS.child_peak_gflops is None and len(ARGS.models) + len(ARGS.conv_sizes) > 1:
+    if ARGS.child_peak_gflops is None and len(ARGS.models) + len(ARGS.conv_sizes) * len(ARGS.convs) > 1:
         models, convs = in_children(ARGS, peak)
     else:
         models, convs = bench_models(ARGS, peak), bench_convs(ARGS, peak)
