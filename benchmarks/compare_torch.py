@@ -1,6 +1,7 @@
 """jaxcnn against PyTorch eager on CPU: train steps and every ResNet-18 conv. Prints one JSON object.
 
     python benchmarks/compare_torch.py [--lowering LOWERING] [--models lenet,resnet18_32,resnet18_96]
+    python benchmarks/compare_torch.py --models '' --conv-sizes 96 --convs stem,stage1_3x3
 
 Needs the `bench` extra (pip install torch==2.13.0: the CPU wheel). Both run on
 the same --threads cores (the process is pinned to them; torch.set_num_threads)
@@ -62,14 +63,16 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}; '' for none")
     parser.add_argument("--conv-sizes", default="32,96", help="ResNet-18 input sizes whose convs to time; '' for none")
-    parser.add_argument("--convs", default=",".join(CONV_NAMES), help="comma-separated, from the convs' names")
+    parser.add_argument(
+        "--convs", default=",".join(CONV_NAMES), help=f"comma-separated, from {CONV_NAMES}; '' for none"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--steps", type=int, default=1, help="train steps per call")
     # Checked once jaxcnn is imported (after the cores are pinned), as conv2d checks it.
     parser.add_argument("--lowering", default=None, help="a conv2d lowering; default: $JAXCNN_CONV_LOWERING or auto")
-    # Internal: the run a parent hands one model or one conv size, with its measured peak.
+    # Internal: the run a parent hands one model, or one conv at one size, with its measured peak.
     parser.add_argument("--child-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
@@ -79,6 +82,7 @@ def parse_args():
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
     if unknown := [c for c in args.convs if c not in CONV_NAMES]:
         parser.error(f"unknown convs {unknown}; choose from {CONV_NAMES}")
+    args.convs = [c for c in CONV_NAMES if c in args.convs]  # in ResNet-18's order, each once
     if min(args.batch_size, args.threads, args.repeats, args.steps) < 1:
         parser.error("--batch-size, --threads, --repeats and --steps must be positive")
     return args
@@ -352,7 +356,7 @@ def bench_convs(args, peak: float) -> list:
 def in_children(args, peak: float) -> tuple[dict, list]:
     """Each model and each conv timed in a fresh process: XLA's CPU runtime ran a ResNet-18 step
     10-20% slower after another model's steps in the same process, and stage 1's 3x3 at 96 px
-    forward in 128 ms after the stem's turn, 57-68 ms alone (AMD EPYC Zen 3)."""
+    forward in 128 ms after the stem's turn, 68-91 ms as the only conv of a process (AMD EPYC Zen 3)."""
     models, convs = {}, []
     jobs = [(["--models", m, "--conv-sizes", ""]) for m in args.models]
     jobs += [["--models", "", "--conv-sizes", str(size), "--convs", c] for size in args.conv_sizes for c in args.convs]

@@ -34,8 +34,9 @@ XLA's forward is the faster one and its weight gradient 2-3x slower.
 tiles at stride m: for m = 2, 16 products per 2x2 output tile where a direct
 convolution makes 36; for m = 3 ("winograd_3x3"), 25 per 3x3 tile for 81; for
 m = 4 ("winograd_4x4"), 36 per 4x4 tile for 144.
-The tile transforms are small sums, fused (F(3x3)'s and F(4x4)'s output
-transform a small matrix product); the products are one batched matrix product. Its input gradient is the same algorithm on dY with the
+The tile transforms are small sums, fused, but for F(3x3)'s and F(4x4)'s
+output transform, one small matrix product; the tile products are one batched
+matrix product. Its input gradient is the same algorithm on dY with the
 flipped kernel; its weight gradient the algorithm read backwards (tile sums,
 one batched product per chunk).
 
@@ -975,15 +976,17 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
 
 
 def _output_transform(prods, at, precision) -> jax.Array:
-    """A^T t A of each (a * a, P, O) tile product t, as (m, m, P, O). F(2x2)'s as `_from_tiles`' sums; wider
-    tiles' as one (m * m, a * a) matrix product: XLA fused F(4x4)'s 16 sums of 6 terms into the output's
-    interleaving write, unvectorized (24x24x64 maps, batch 256: forward 68 ms, 57-63 as a product; AMD EPYC Zen 3)."""
+    """A^T t A of each (a * a, P, O) tile product t, as (m, m, P, O). Wider tiles' as one (m * m, a * a) matrix
+    product: XLA fused F(4x4)'s 16 stacked sums into the output's interleaving write, unvectorized (24x24x64
+    maps, batch 256: forward 68 ms, 57-63 as a product; F(3x3) on 6x6x256 as fast either way; AMD EPYC Zen 3).
+    F(2x2)'s as `_from_tiles`' sums, which the product was slower than (8x8x64: 5.5-6.0 ms, 6.4-7.6)."""
     m, a = at.shape
     if m == 2:
         return _from_tiles(prods, at)
     # Row m * p + q, column a * j + i (the tiles' column-major index): A^T[p, i] A^T[q, j].
     transform = np.einsum("pi,qj->pqji", at, at).reshape(m * m, a * a)
-    y = jnp.dot(jnp.asarray(transform, prods.dtype), prods.reshape(a * a, -1), precision=precision)
+    # Its coefficients are small powers of two, exact in any float dtype: the product is exact at HIGHEST.
+    y = jnp.dot(jnp.asarray(transform, prods.dtype), prods.reshape(a * a, -1), precision=lax.Precision.HIGHEST)
     return y.reshape(m, m, *prods.shape[1:])
 
 
@@ -1032,9 +1035,9 @@ def _kernel_transform(w, g) -> jax.Array:
 
 
 def _from_tiles(t, m) -> jax.Array:
-    """M t M^T for M (k, a) of t (a * a, ...), tile index column-major (a * j + i), as (k, k, ...): the output
-    transform (M = A^T) and the weight gradient's (M = G^T). Separably, one stack per stage, as the tiles
-    are built: F(4x4)'s output transform 7x faster than summing through unstacked lists."""
+    """M t M^T for M (k, a) of t (a * a, ...), tile index column-major (a * j + i), as (k, k, ...): F(2x2)'s
+    output transform (M = A^T) and the weight gradient's (M = G^T). Separably, one stack per stage, as the
+    tiles are built (F(4x4)'s output transform ran 7x faster so than summed through unstacked lists)."""
     a = m.shape[1]
     cols = jnp.stack([jnp.stack(_combine([t[a * j + i] for i in range(a)], m)) for j in range(a)])  # [j, p]
     return jnp.stack([jnp.stack(_combine([cols[j, p] for j in range(a)], m)) for p in range(m.shape[0])])
