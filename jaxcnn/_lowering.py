@@ -960,7 +960,7 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
         v = _winograd_tiles(x, padding, (ho, wo), m)
         prods = lax.dot_general(v, u, (((2,), (contract,)), ((0,), (0,))), precision=precision)  # (a * a, P, O)
         # A^T prods A, then the m x m output tiles interleaved into the map.
-        y = _output_transform(prods, at, precision)
+        y = _output_transform(prods, at)
         y = y.reshape(m, m, -1, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, m * th, m * tw, o)
         return y[:, :ho, :wo]
 
@@ -975,7 +975,7 @@ def _winograd_conv(x, w, padding, precision, m, adjoint=False) -> jax.Array:
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
 
 
-def _output_transform(prods, at, precision) -> jax.Array:
+def _output_transform(prods, at) -> jax.Array:
     """A^T t A of each (a * a, P, O) tile product t, as (m, m, P, O). Wider tiles' as one (m * m, a * a) matrix
     product: XLA fused F(4x4)'s 16 stacked sums into the output's interleaving write, unvectorized (24x24x64
     maps, batch 256: forward 68 ms, 57-63 as a product; F(3x3) on 6x6x256 as fast either way; AMD EPYC Zen 3).
@@ -1037,7 +1037,7 @@ def _kernel_transform(w, g) -> jax.Array:
 def _from_tiles(t, m) -> jax.Array:
     """M t M^T for M (k, a) of t (a * a, ...), tile index column-major (a * j + i), as (k, k, ...): F(2x2)'s
     output transform (M = A^T) and the weight gradient's (M = G^T). Separably, one stack per stage, as the
-    tiles are built (F(4x4)'s output transform ran 7x faster so than summed through unstacked lists)."""
+    tiles are built (so F(4x4)'s output transform ran 7x faster than summed through unstacked lists)."""
     a = m.shape[1]
     cols = jnp.stack([jnp.stack(_combine([t[a * j + i] for i in range(a)], m)) for j in range(a)])  # [j, p]
     return jnp.stack([jnp.stack(_combine([cols[j, p] for j in range(a)], m)) for p in range(m.shape[0])])

@@ -343,7 +343,7 @@ def test_output_transform_is_from_tiles_sums(m):
     # The product form of F(3x3)'s and F(4x4)'s output transform keeps `_from_tiles`' (row, column) order.
     at = _lowering.WINOGRAD[m][2]
     t = jax.random.normal(jax.random.key(m), ((m + 2) ** 2, 5, 7))
-    y, y_sums = jax.jit(lambda t: (_lowering._output_transform(t, at, None), _lowering._from_tiles(t, at)))(t)
+    y, y_sums = jax.jit(lambda t: (_lowering._output_transform(t, at), _lowering._from_tiles(t, at)))(t)
     chex.assert_shape(y, (m, m, 5, 7))
     np.testing.assert_allclose(y, y_sums, rtol=1e-5, atol=1e-5)
 
