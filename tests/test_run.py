@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -374,8 +375,8 @@ def test_a_flipped_byte_is_caught_or_never_read(finished, tmp_path):
     records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
     said = hooks.messages()
     damaged = [line for line in said.splitlines() if f"checkpoint {workdir / 'checkpoints' / '16'} is damaged" in line]
-    if damaged:  # the checksums differ, or TensorStore could not read the chunk
-        assert "checksums" in damaged[0] or "Error: " in damaged[0], said
+    if damaged:  # the checksums differ, or reading failed: the exception's type (any, even a bare Exception) first
+        assert "checksums" in damaged[0] or re.search(r"is damaged \(\w+: ", damaged[0]), said
         assert (workdir / "checkpoints" / "16.damaged").is_dir() and "resuming from step 12" in said
     else:
         assert "resuming from step 16" in said  # the checksums held: the arrays are the ones saved
