@@ -375,7 +375,7 @@ def test_a_flipped_byte_is_caught_or_never_read(finished, tmp_path):
     records = run.train_and_evaluate(tiny(epochs=2, checkpoint_every=4, log_every=2), workdir, resume=True, hooks=hooks)
     said = hooks.messages()
     damaged = [line for line in said.splitlines() if f"checkpoint {workdir / 'checkpoints' / '16'} is damaged" in line]
-    if damaged:  # the checksums differ, or reading failed: the exception's type (any, even a bare Exception) first
+    if damaged:  # the checksums differ, or restoring raised: the reason starts with the exception's type (any)
         assert "checksums" in damaged[0] or re.search(r"is damaged \(\w+: ", damaged[0]), said
         assert (workdir / "checkpoints" / "16.damaged").is_dir() and "resuming from step 12" in said
     else:
